@@ -1,0 +1,26 @@
+"""Serving configuration: one Settings object, environment prefix DISTILLERY_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "toy"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_")
+
+    model_path: str = str(EMBEDDED_MODEL)  # a diffusers folder (or a hub id on a connected host)
+    device: str = "cpu"
+    dtype: str = "float32"
+    queue_size: int = 16  # requests waiting beyond this get 429
+    request_timeout_s: float = 120.0
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,91 @@
+"""A text-to-image model as the server and the distillers use it: a diffusers folder.
+
+Loading goes through diffusers' / transformers' own `from_pretrained`, component by
+component, so the same code loads the embedded toy model, a local Stable Diffusion 1.5
+folder, or (on a connected host) a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+DEFAULTS_FILE = "distillery.json"  # optional: default guidance/steps measured for this model
+
+
+@dataclass
+class DiffusionModel:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+    defaults: dict
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DiffusionModel":
+        path = str(path)
+        kw = {"torch_dtype": dtype}
+        model = cls(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            scheduler_config=_read_json(Path(path) / "scheduler" / "scheduler_config.json"),
+            defaults=_read_json(Path(path) / DEFAULTS_FILE) if (Path(path) / DEFAULTS_FILE).exists() else {},
+        )
+        for module in (model.unet, model.vae, model.text_encoder):
+            module.to(device).eval().requires_grad_(False)
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.latent_factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.latent_factor
+        return (self.unet.config.in_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]  # (B, T, D)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
+        arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
+
+    def fingerprint(self) -> str:
+        """Identifies the base UNet (config + a sample of its weights) so adapters can refuse a wrong base."""
+        h = hashlib.sha256(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+        for name, p in sorted(self.unet.state_dict().items())[::7]:
+            h.update(name.encode())
+            h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

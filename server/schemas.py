@@ -1,0 +1,69 @@
+"""Request schemas shared by the HTTP API and the CLI, and readable validation errors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STEPS = 1000
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    # strict: "25" is not a number of steps; forbid: a misspelt field is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(max_length=1000, description="Text prompt; empty gives an unconditional image.")
+    guidance: float | None = Field(
+        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Guidance weight w (Meng et al.): eps = (1 + w) eps(c) - w eps(empty); w = 0 is the plain "
+                    "conditional model; diffusers' guidance_scale = 1 + w. Default: the model's measured best w.",
+    )
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps. Default: the model's.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the initial noise.")
+    scheduler: Literal["ddim", "euler", "dpm"] = Field(default="ddim", description="Diffusers scheduler.")
+
+
+def allowed_range(model: type[BaseModel], field: str) -> str | None:
+    """'integer in [1, 1000]'-style text from a field's constraints, or None if it has none."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    lo = hi = None
+    for m in info.metadata:
+        if isinstance(m, (Ge, Gt)):
+            lo = f"[{m.ge}" if isinstance(m, Ge) else f"({m.gt}"
+        if isinstance(m, (Le, Lt)):
+            hi = f"{m.le}]" if isinstance(m, Le) else f"{m.lt})"
+    kind = {int: "integer", float: "finite number", str: "string"}
+    base = next((kind[t] for t in kind if t in _types(info.annotation)), None)
+    if lo or hi:
+        return f"{base or 'value'} in {lo or '(-inf'}, {hi or 'inf)'}"
+    return base
+
+
+def _types(annotation: Any) -> tuple:
+    return getattr(annotation, "__args__", (annotation,))
+
+
+def describe_errors(model: type[BaseModel], errors: list[dict]) -> list[dict[str, Any]]:
+    """Each error (pydantic's `exc.errors()`) with the field's name, the offending value and the allowed range."""
+    out = []
+    for err in errors:
+        loc = [str(x) for x in err["loc"] if x != "body"]
+        field = loc[0] if loc else ""
+        allowed = allowed_range(model, field)
+        if err["type"] == "extra_forbidden":
+            allowed = f"one of the known fields: {', '.join(model.model_fields)}"
+        message = f"{field}: {err['msg']}" + (f" (allowed: {allowed})" if allowed else "")
+        out.append({"field": ".".join(loc) or "body", "message": message, "input": _jsonable(err.get("input"))})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
