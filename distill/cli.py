@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "toy")
@@ -26,13 +26,26 @@ def _generate(args) -> int:
     from server.model import DiffusionModel
     from server.pipeline import generate
 
+    from server.adapters import AdapterError
+    from server.registry import AdapterRegistry, check_guidance
+
     model = DiffusionModel.from_pretrained(args.model)
-    guidance = req.guidance if req.guidance is not None else model.defaults.get("guidance", 0.0)
-    steps = req.steps or model.defaults.get("steps", 25)
-    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=req.scheduler)
+    adapters = []
+    try:
+        if args.adapter:
+            adapter = AdapterRegistry(model).load(Path(args.adapter).name, args.adapter)
+            adapters = [(adapter, 1.0)]
+        guidance = req.guidance if req.guidance is not None else model.defaults.get("guidance", 0.0)
+        check_guidance(adapters, guidance)
+    except AdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    steps = req.steps or (adapters[0][0].meta.recommended_steps if adapters else model.defaults.get("steps", 25))
+    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=req.scheduler, adapters=adapters)
     out.images[0].save(args.output)
     ms = ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings_ms.items())
-    print(f"wrote {args.output} (w={guidance}, steps={steps}, seed={req.seed}; {ms})")
+    print(f"wrote {args.output} ({out.mode}: w={guidance}, steps={steps}, {out.unet_evaluations} UNet evaluations, "
+          f"seed={req.seed}; {ms})")
     return 0
 
 
@@ -49,6 +62,24 @@ def _train_oracle(args) -> int:
 
     train_oracle()
     return 0
+
+
+def _distill_guidance(args) -> int:
+    from distill.guidance_distill import GuidanceDistillConfig, distill_guidance
+
+    values = {f.name: getattr(args, f.name) for f in fields(GuidanceDistillConfig)}
+    values["target_modules"] = values["target_modules"].split(",")
+    distill_guidance(GuidanceDistillConfig(**values))
+    return 0
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One --option per dataclass field; lists are comma-separated, bools take true/false."""
+    for f in fields(config_cls):
+        default = f.default if f.default_factory is MISSING else ",".join(f.default_factory())
+        kind = {bool: lambda v: v.lower() in ("1", "true", "yes")}.get(type(default), type(default))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+                            help=f"default: {default}")
 
 
 def _serve(args) -> int:
@@ -69,15 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--scheduler", default="ddim")
     g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--adapter", help="an adapter folder; a guidance-distilled one samples with one UNet call per step")
     g.add_argument("-o", "--output", default="out.png")
     g.set_defaults(run=_generate)
 
     from distill.train_toy import ToyTrainConfig
 
     t = sub.add_parser("train-toy", help="train the embedded toy model (VAE, then UNet + text encoder)")
-    for f in fields(ToyTrainConfig):
-        t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default)
+    _add_config_options(t, ToyTrainConfig)
     t.set_defaults(run=_train_toy)
+
+    from distill.guidance_distill import GuidanceDistillConfig
+
+    d = sub.add_parser("distill-guidance", help="guidance distillation: LoRA + w projection over the shared base")
+    _add_config_options(d, GuidanceDistillConfig)
+    d.set_defaults(run=_distill_guidance)
 
     o = sub.add_parser("train-oracle", help="train the colour/shape oracle on ground-truth renders")
     o.set_defaults(run=_train_oracle)

@@ -8,12 +8,14 @@ from pathlib import Path
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "toy"
+EMBEDDED_ADAPTERS = EMBEDDED_MODEL.parent / "adapters"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILLERY_")
 
     model_path: str = str(EMBEDDED_MODEL)  # a diffusers folder (or a hub id on a connected host)
+    adapters_root: str = str(EMBEDDED_ADAPTERS)  # every folder here with an adapter.json is loaded at start
     device: str = "cpu"
     dtype: str = "float32"
     queue_size: int = 16  # requests waiting beyond this get 429

@@ -29,6 +29,7 @@ class DiffusionModel:
     tokenizer: CLIPTokenizer
     scheduler_config: dict
     defaults: dict
+    fingerprint: str = ""  # of the pristine base UNet, taken at load (adapters change its state dict)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DiffusionModel":
@@ -44,6 +45,7 @@ class DiffusionModel:
         )
         for module in (model.unet, model.vae, model.text_encoder):
             module.to(device).eval().requires_grad_(False)
+        model.fingerprint = unet_fingerprint(model.unet)
         return model
 
     @property
@@ -78,13 +80,15 @@ class DiffusionModel:
         arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
 
-    def fingerprint(self) -> str:
-        """Identifies the base UNet (config + a sample of its weights) so adapters can refuse a wrong base."""
-        h = hashlib.sha256(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
-        for name, p in sorted(self.unet.state_dict().items())[::7]:
-            h.update(name.encode())
-            h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+
+
+def unet_fingerprint(unet: UNet2DConditionModel) -> str:
+    """Identifies a base UNet (config + a sample of its weights) so adapters can refuse a wrong base."""
+    h = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    for name, p in sorted(unet.state_dict().items())[::7]:
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:64].half().cpu().numpy().tobytes())  # fp16: same for fp32 and fp16 copies
+    return h.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:

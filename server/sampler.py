@@ -59,3 +59,21 @@ def sample_cfg(denoise: Denoise, scheduler, cond: torch.Tensor, uncond: torch.Te
         if on_step:
             on_step(i)
     return latents
+
+
+@torch.no_grad()
+def sample_single(denoise_w: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                  scheduler, cond: torch.Tensor, guidance: torch.Tensor, latents: torch.Tensor, steps: int,
+                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Guidance-distilled sampling (Meng et al. 2022 stage 1): ONE UNet call of B rows per step.
+
+    `denoise_w(latents, t, text, w)` is the w-conditioned student; cond (B, T, D); guidance (B,).
+    """
+    scheduler.set_timesteps(steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        eps = denoise_w(scheduler.scale_model_input(latents, t), t, cond, guidance)  # (B, C, h, w)
+        latents = scheduler.step(eps, t, latents).prev_sample
+        if on_step:
+            on_step(i)
+    return latents

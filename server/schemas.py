@@ -12,6 +12,13 @@ MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
 
 
+class AdapterRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200, description="A loaded adapter's name (GET /adapters).")
+    weight: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="LoRA scale.")
+
+
 class GenerateRequest(BaseModel):
     # strict: "25" is not a number of steps; forbid: a misspelt field is an error, not ignored.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -25,6 +32,12 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps. Default: the model's.")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the initial noise.")
     scheduler: Literal["ddim", "euler", "dpm"] = Field(default="ddim", description="Diffusers scheduler.")
+    adapters: list[AdapterRef] = Field(
+        default_factory=list, max_length=8,
+        description="Adapters to apply. With a guidance-distilled adapter in the set, sampling makes ONE UNet "
+                    "evaluation per step at w (single-eval mode), and w must lie in its trained range; "
+                    "otherwise classifier-free guidance makes two (cfg mode).",
+    )
 
 
 def allowed_range(model: type[BaseModel], field: str) -> str | None:

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench [NAME ...] [--quick]`; figures merge into .bench/results.json."""

@@ -1,0 +1,35 @@
+"""toy_quality: oracle alignment of the CFG teacher over guidance weights (25 DDIM steps)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from distill.evaluate import alignment
+from distill.toy_data import HELDOUT_COMBOS
+from server.config import EMBEDDED_MODEL
+from server.model import DEFAULTS_FILE, DiffusionModel
+
+WEIGHTS = (0, 1, 2, 3, 5)
+
+
+def run(quick: bool = False) -> dict:
+    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+    n, steps, weights = (8, 3, (0, 1)) if quick else (200, 25, WEIGHTS)
+    figures = {}
+    t0 = time.perf_counter()
+    for w in weights:
+        figures[f"alignment_w{w}"] = alignment(model, n=n, guidance=float(w), steps=steps)
+    seconds_per_image = (time.perf_counter() - t0) / (n * len(weights))
+    best_w = max(weights, key=lambda w: figures[f"alignment_w{w}"])
+    figures["best_w"] = best_w
+    figures["heldout_alignment_best"] = alignment(model, n=n, guidance=float(best_w), steps=steps, combos=HELDOUT_COMBOS)
+    figures["seconds_per_image"] = seconds_per_image
+    figures["prompts"] = n
+    if not quick:  # the measured best w becomes the model's default guidance
+        (EMBEDDED_MODEL / DEFAULTS_FILE).write_text(json.dumps(
+            {"guidance": float(best_w), "steps": steps, "scheduler": "ddim",
+             "source": "make bench BENCH=toy_quality", "alignment": figures[f"alignment_w{best_w}"]}, indent=1) + "\n")
+    return figures

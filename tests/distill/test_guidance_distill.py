@@ -1,0 +1,103 @@
+"""Guidance distillation mechanics on the toy architecture (random weights: fast)."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from distill.guidance_distill import GuidanceDistillConfig, attach_student, distill_guidance
+from server.adapters import AdapterError
+from server.guidance import guidance_embedding
+from distill import toy_model
+from server.model import DiffusionModel, unet_fingerprint
+from server.pipeline import generate
+from server.registry import AdapterRegistry
+
+
+def _inputs(model, b=2):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 4, 16, 16, generator=g)
+    t = torch.tensor([500, 20])[:b]
+    cond = model.encode_prompts(["a red circle", "a blue square"][:b])
+    return x, t, cond
+
+
+def test_untrained_student_equals_conditional_teacher_and_shares_w0(random_toy_folder):
+    model = DiffusionModel.from_pretrained(random_toy_folder)
+    base_params = {id(p) for p in model.unet.parameters()}
+    n_base = sum(p.numel() for p in model.unet.parameters())
+    x, t, cond = _inputs(model)
+    teacher = model.unet(x, t, encoder_hidden_states=cond).sample
+    projection = attach_student(model, GuidanceDistillConfig(rank=4))
+    w = torch.tensor([3.0, 0.5])
+    student = model.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+    torch.testing.assert_close(student, teacher)  # B = 0 and a zero w projection
+    # one UNet: the base weights are the very same tensors, only LoRA and the projection were added
+    assert base_params <= {id(p) for p in model.unet.parameters()}
+    added = sum(p.numel() for p in model.unet.parameters()) - n_base
+    trainable = sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
+    assert added == trainable and 0 < trainable < 0.2 * n_base
+    with torch.no_grad():
+        projection.weight.normal_()
+    moved = model.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+    assert not torch.allclose(moved, teacher)  # w really reaches the UNet through timestep_cond
+    model.unet.disable_adapters()
+    torch.testing.assert_close(model.unet(x, t, encoder_hidden_states=cond).sample, teacher)  # teacher intact
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(random_toy_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gd")
+    cfg = GuidanceDistillConfig(model=str(random_toy_folder), data="toy:64", out=str(root / "adapter"),
+                                work=str(root / "work"), steps=2, batch=4, checkpoint_every=2, rank=4)
+    distill_guidance(cfg)
+    first = torch.load(root / "work" / "checkpoint.pt", weights_only=False)
+    assert first["step"] == 2
+    cfg.steps = 4  # resume from the step-2 checkpoint and go on
+    distill_guidance(cfg)
+    assert torch.load(root / "work" / "checkpoint.pt", weights_only=False)["step"] == 4
+    return root / "adapter"
+
+
+def test_adapter_folder_format(trained_adapter, random_toy_folder):
+    meta = json.loads((trained_adapter / "adapter.json").read_text())
+    assert meta["kind"] == "guidance" and meta["w_min"] == 0.0 and meta["w_max"] == 5.0
+    assert meta["base_fingerprint"] == DiffusionModel.from_pretrained(random_toy_folder).fingerprint
+    assert meta["embedding_dim"] == 256 and meta["rank"] == 4
+    assert meta["recommended_scheduler"] == "ddim" and meta["training"]["steps"] == 4
+
+
+def test_lora_part_loads_into_stock_diffusers_pipeline(trained_adapter, random_toy_folder):
+    pipe = StableDiffusionPipeline.from_pretrained(random_toy_folder, safety_checker=None)
+    kwargs = dict(num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    before = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(trained_adapter)
+    after = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(after - before).max() > 0  # the trained LoRA (B != 0 after 4 steps) changes the output
+
+
+def test_server_loads_adapter_and_samples_one_evaluation_per_step(trained_adapter, random_toy_folder):
+    model = DiffusionModel.from_pretrained(random_toy_folder)
+    adapter = AdapterRegistry(model).load("guidance-toy", trained_adapter)
+    rows = []
+    hook = model.unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    single = generate(model, ["a red circle"], [0], 2.0, steps=3, adapters=[(adapter, 1.0)])
+    assert rows == [1, 1, 1] and single.mode == "single-eval" and single.unet_evaluations == 3
+    rows.clear()
+    cfg = generate(model, ["a red circle"], [0], 2.0, steps=3)
+    hook.remove()
+    assert rows == [2, 2, 2] and cfg.mode == "cfg" and cfg.unet_evaluations == 6
+    again = generate(model, ["a red circle"], [0], 2.0, steps=3)  # the adapter leaves no trace on the CFG path
+    assert list(again.images[0].getdata()) == list(cfg.images[0].getdata())
+
+
+def test_adapter_for_another_base_is_refused_and_nothing_is_loaded(trained_adapter, random_toy_folder):
+    model = DiffusionModel.from_pretrained(random_toy_folder)
+    torch.manual_seed(1)
+    model.unet.load_state_dict(toy_model.build_unet().state_dict())  # same shapes, other weights
+    model.fingerprint = unet_fingerprint(model.unet)
+    registry = AdapterRegistry(model)
+    with pytest.raises(AdapterError, match="trained on base model"):
+        registry.load("guidance-toy", trained_adapter)
+    assert registry.adapters == {} and not getattr(model.unet, "peft_config", None)

@@ -1,0 +1,34 @@
+"""One loader for the toy model and for Stable Diffusion 1.5 folders."""
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from distill.sd15 import save_sd15_folder
+from server.config import EMBEDDED_MODEL
+from server.model import DiffusionModel
+from server.pipeline import generate
+
+
+def test_embedded_toy_model_loads_with_stock_diffusers_too():
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None)
+    image = pipe("a red circle", num_inference_steps=2, guidance_scale=2.0, output_type="pil").images[0]
+    assert image.size == (32, 32)
+
+
+def test_toy_model_components(toy_model):
+    assert toy_model.latent_factor == 2 and toy_model.default_size == 32
+    assert toy_model.text_encoder.config.hidden_size == toy_model.unet.config.cross_attention_dim
+    assert toy_model.tokenizer("a red circle").input_ids[1:4] != toy_model.tokenizer("a blue circle").input_ids[1:4]
+    assert len(toy_model.fingerprint) == 16
+
+
+def test_sd15_shaped_folder_loads_and_samples_with_the_same_code(tmp_path, toy_model):
+    folder = save_sd15_folder(tmp_path / "sd15", toy_model.tokenizer)
+    model = DiffusionModel.from_pretrained(folder, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.unet.parameters())
+    assert 855e6 < n_params < 865e6, n_params  # SD 1.5's UNet: 859.5M
+    assert model.latent_factor == 8 and model.default_size == 512
+    assert model.unet.config.cross_attention_dim == 768 == model.text_encoder.config.hidden_size
+    out = generate(model, ["a red circle"], [0], 2.0, steps=1, scheduler="ddim", height=64, width=64)
+    assert out.images[0].size == (64, 64)
+    assert model.fingerprint != toy_model.fingerprint
