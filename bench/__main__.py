@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ["toy_quality"]
+BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "distill_memory"]
 RESULTS = Path(".bench/results.json")
 
 

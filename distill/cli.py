@@ -23,18 +23,17 @@ def _generate(args) -> int:
             print(f"error: {e['message']}; got {e['input']!r}", file=sys.stderr)
         return 2
 
+    from server.adapters import AdapterError
     from server.model import DiffusionModel
     from server.pipeline import generate
-
-    from server.adapters import AdapterError
     from server.registry import AdapterRegistry, check_guidance
 
     model = DiffusionModel.from_pretrained(args.model)
-    adapters = []
+    adapters = ()
     try:
         if args.adapter:
-            adapter = AdapterRegistry(model).load(Path(args.adapter).name, args.adapter)
-            adapters = [(adapter, 1.0)]
+            adapter = AdapterRegistry.of(model).load(Path(args.adapter).name, args.adapter)
+            adapters = ((adapter, 1.0),)
         guidance = req.guidance if req.guidance is not None else model.defaults.get("guidance", 0.0)
         check_guidance(adapters, guidance)
     except AdapterError as exc:

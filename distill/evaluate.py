@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+from PIL import Image
+
 from distill.oracle import load_oracle
 from distill.toy_data import TRAIN_COMBOS, eval_prompts
 from server.model import DiffusionModel
@@ -15,15 +18,31 @@ def _oracle():
     return load_oracle()
 
 
-def alignment(model: DiffusionModel, n: int = 200, guidance: float = 0.0, steps: int = 25, combos=TRAIN_COMBOS,
-              batch: int = 50, scheduler: str = "ddim", rescale: float = 0.0) -> float:
-    """Alignment over `n` fixed prompts, image i seeded with i (the same prompts and seeds every call)."""
+def eval_images(model: DiffusionModel, n: int = 200, guidance: float = 0.0, steps: int = 25, combos=TRAIN_COMBOS,
+                batch: int = 50, scheduler: str = "ddim", rescale: float = 0.0, adapters=()) -> tuple[list[Image.Image], list]:
+    """Images for `n` fixed prompts, image i seeded with i (the same prompts and seeds every call)."""
     prompts = eval_prompts(n, combos)
-    hits = 0
+    images = []
     for start in range(0, n, batch):
         chunk = prompts[start : start + batch]
-        out = generate(model, [p for p, _, _ in chunk], list(range(start, start + len(chunk))), guidance, steps,
-                       scheduler=scheduler, rescale=rescale)
-        judged = _oracle().classify(out.images)
-        hits += sum(j == (c, s) for j, (_, c, s) in zip(judged, chunk))
-    return hits / n
+        images += generate(model, [p for p, _, _ in chunk], list(range(start, start + len(chunk))), guidance, steps,
+                           scheduler=scheduler, rescale=rescale, adapters=adapters).images
+    return images, prompts
+
+
+def alignment_of(images: list[Image.Image], prompts: list) -> float:
+    judged = _oracle().classify(images)
+    return sum(j == (c, s) for j, (_, c, s) in zip(judged, prompts)) / len(prompts)
+
+
+def alignment(model: DiffusionModel, n: int = 200, **kwargs) -> float:
+    return alignment_of(*eval_images(model, n, **kwargs))
+
+
+def psnr(a: list[Image.Image], b: list[Image.Image]) -> float:
+    """Mean PSNR (dB, 8-bit) between paired images."""
+    values = []
+    for x, y in zip(a, b):
+        mse = np.mean((np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2)
+        values.append(99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse))
+    return float(np.mean(values))

@@ -56,12 +56,12 @@ class GuidanceDistillConfig:
     seed: int = 0
 
 
-def attach_student(model: DiffusionModel, cfg: GuidanceDistillConfig) -> torch.nn.Linear:
+def attach_student(unet, cfg: GuidanceDistillConfig) -> torch.nn.Linear:
     """Add the LoRA adapter and the zero-initialised w projection to the (frozen) base UNet."""
-    model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=cfg.target_modules,
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=cfg.target_modules,
                                       init_lora_weights=True), adapter_name=ADAPTER_NAME)  # B = 0: student == teacher
-    projection = new_projection(model.unet)
-    install_projection(model.unet, projection)
+    projection = new_projection(unet)
+    install_projection(unet, projection)
     return projection
 
 
@@ -91,7 +91,7 @@ def distill_guidance(cfg: GuidanceDistillConfig) -> Path:
     set_seed(cfg.seed)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
     base_fingerprint = model.fingerprint
-    projection = attach_student(model, cfg)
+    projection = attach_student(model.unet, cfg)
     unet = model.unet
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -64,6 +64,11 @@ class DiffusionModel:
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.latent_factor
 
+    @property
+    def size_step(self) -> int:
+        """Image sizes must be multiples of this: the latent factor times the UNet's total downsampling."""
+        return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.latent_factor
         return (self.unet.config.in_channels, height // f, width // f)

@@ -1,24 +1,36 @@
-"""Adapters loaded into the one base UNet, by name; activating one reloads and copies nothing.
+"""Adapters resident beside the one base UNet, by name, within a byte budget (LRU).
 
-Internal peft adapter names are generated ("adapter_0", ...) rather than taken from users:
-with peft, an adapter whose name is a substring of another's keys can clobber it (peft#3780).
+Each adapter's LoRA factors are copied once, at load, into owned memory (not the file's
+memory map: the first write into a mapping pays page faults). Switching the adapters a
+batch uses builds an `AdapterBatch` of views and small concatenations: nothing is reloaded
+and W0 is never copied. Internal layer keys come from the file, never from user-given
+names (peft#3780: with peft's hotswap an adapter whose name is a substring of another's
+keys can wipe it; here a name is only a dictionary key).
 """
 
 from __future__ import annotations
 
-import itertools
+import threading
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from kernels import segments_of
 from server.adapters import AdapterError, AdapterMeta, read_adapter
-from server.guidance import install_projection
+from server.lora_layers import AdapterBatch, LoRAContext, install_serving_layers
 from server.model import DiffusionModel
+
+AdapterSet = tuple[tuple["LoadedAdapter", float], ...]  # (adapter, weight) pairs
 
 
 class UnknownAdapter(KeyError):
+    pass
+
+
+class AdapterInUse(AdapterError):
     pass
 
 
@@ -26,19 +38,29 @@ class GuidanceOutOfRange(AdapterError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedAdapter:
     name: str
-    internal_name: str
+    path: Path
     meta: AdapterMeta
-    projection: nn.Linear | None
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> A (r, K), B (N, r), owned
+    projection: torch.Tensor | None  # (C, E) for guidance-distilled adapters
 
     @property
     def single_eval(self) -> bool:
         return self.meta.kind == "guidance"
 
+    @property
+    def scale(self) -> float:
+        return self.meta.alpha / self.meta.rank
 
-def guidance_adapter(chosen: list[tuple[LoadedAdapter, float]]) -> LoadedAdapter | None:
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for ab in self.layers.values() for t in ab] + ([self.projection] if self.projection is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def guidance_adapter(chosen: AdapterSet) -> LoadedAdapter | None:
     """The set's guidance-distilled adapter (it makes sampling single-eval), if any; at most one is allowed."""
     distilled = [a for a, _ in chosen if a.single_eval]
     if len(distilled) > 1:
@@ -46,7 +68,7 @@ def guidance_adapter(chosen: list[tuple[LoadedAdapter, float]]) -> LoadedAdapter
     return distilled[0] if distilled else None
 
 
-def check_guidance(chosen: list[tuple[LoadedAdapter, float]], w: float) -> None:
+def check_guidance(chosen: AdapterSet, w: float) -> None:
     """A guidance-distilled adapter only knows the w range it was trained on."""
     distilled = guidance_adapter(chosen)
     if distilled and not distilled.meta.w_min <= w <= distilled.meta.w_max:
@@ -54,45 +76,164 @@ def check_guidance(chosen: list[tuple[LoadedAdapter, float]], w: float) -> None:
                                  f"[{distilled.meta.w_min}, {distilled.meta.w_max}]")
 
 
-def activate(unet, chosen: list[tuple[LoadedAdapter, float]]) -> None:
-    """Make exactly `chosen` (adapter, weight) pairs active on the shared UNet; [] is plain W0.
-
-    peft sums the weighted LoRA deltas, which equals rank concatenation A = [A1; A2], B = [s1 B1, s2 B2].
-    """
-    distilled = guidance_adapter(chosen)
-    if chosen:
-        unet.enable_adapters()
-        unet.set_adapters([a.internal_name for a, _ in chosen], weights=[w for _, w in chosen])
-    elif getattr(unet, "_hf_peft_config_loaded", False):
-        unet.disable_adapters()
-    install_projection(unet, distilled.projection if distilled else None)
+def _parse_lora(lora: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """diffusers ("lora.down/up") or peft ("lora_A/B") keys -> {layer: (A, B)}."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in lora.items():
+        for down, up in ((".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight")):
+            for suffix, part in ((down, "A"), (up, "B")):
+                if key.endswith(suffix):
+                    pairs.setdefault(key[len("unet."):-len(suffix)], {})[part] = tensor
+    if not pairs or any(len(p) != 2 for p in pairs.values()):
+        raise AdapterError(f"{folder}: LoRA keys must come in down/up (A/B) pairs per layer")
+    return {layer: (p["A"], p["B"]) for layer, p in pairs.items()}
 
 
 class AdapterRegistry:
-    def __init__(self, model: DiffusionModel):
+    """Use `AdapterRegistry.of(model)`: one registry per model, since its layers point at one context."""
+
+    @classmethod
+    def of(cls, model: DiffusionModel, budget_bytes: int | None = None) -> "AdapterRegistry":
+        registry = model.__dict__.get("_adapter_registry")
+        if registry is None:
+            registry = model.__dict__["_adapter_registry"] = cls(model, budget_bytes)
+        elif budget_bytes is not None:
+            registry.budget_bytes = budget_bytes
+        return registry
+
+    def __init__(self, model: DiffusionModel, budget_bytes: int | None = None):
         self.model = model
-        self.adapters: dict[str, LoadedAdapter] = {}
-        self._ids = itertools.count()
+        self.budget_bytes = budget_bytes
+        self.context = LoRAContext()
+        self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self.known: dict[str, Path] = {}  # every registered adapter, resident or evicted
+        self.in_use: Counter[str] = Counter()
+        self.loads = self.evictions = 0
+        self._lock = threading.RLock()
+        install_serving_layers(model.unet, set(), self.context)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(a.nbytes for a in self.resident.values())
 
     def load(self, name: str, folder: str | Path) -> LoadedAdapter:
-        if name in self.adapters:
-            raise AdapterError(f"an adapter named {name!r} is already loaded")
-        files = read_adapter(Path(folder), self.model.fingerprint)
-        internal = f"adapter_{next(self._ids)}"
+        """Read, check and make resident; on any error nothing is loaded and nothing changes."""
+        with self._lock:
+            if name in self.known:
+                raise AdapterError(f"an adapter named {name!r} is already registered")
+            adapter = self._read(name, Path(folder))
+            self._make_resident(adapter)
+            self.known[name] = adapter.path
+            return adapter
+
+    def _read(self, name: str, folder: Path) -> LoadedAdapter:
+        files = read_adapter(folder, self.model.fingerprint)
         unet = self.model.unet
-        unet.load_lora_adapter(files.lora, prefix="unet", adapter_name=internal)
-        projection = None
-        if files.projection is not None:
-            projection = nn.Linear(files.projection.shape[1], files.projection.shape[0], bias=False)
-            with torch.no_grad():
-                projection.weight.copy_(files.projection)  # owned memory, not the file's mapping
-            projection.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)
-        adapter = LoadedAdapter(name, internal, files.meta, projection)
-        self.adapters[name] = adapter
-        activate(unet, [])  # loading leaves the new adapter active in peft; the base stays the default
-        return adapter
+        layers = {}
+        for layer, (a, b) in _parse_lora(files.lora, folder).items():
+            try:
+                base = unet.get_submodule(layer)
+            except AttributeError:
+                raise AdapterError(f"{folder}: layer {layer!r} does not exist in the base UNet") from None
+            base = getattr(base, "base", base)
+            if a.shape[0] != b.shape[1] or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise AdapterError(f"{folder}: layer {layer!r} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base "
+                                   f"layer is ({base.out_features}, {base.in_features})")
+            own = dict(device=unet.device, dtype=unet.dtype, copy=True)  # resident memory, not the mmap
+            layers[layer] = (a.to(**own).contiguous(), b.to(**own).contiguous())
+        proj = files.projection.to(device=unet.device, dtype=unet.dtype, copy=True) if files.projection is not None else None
+        if proj is not None and proj.shape[0] != unet.time_embedding.linear_1.in_features:
+            raise AdapterError(f"{folder}: w projection has {proj.shape[0]} outputs; the UNet's timestep embedding "
+                               f"takes {unet.time_embedding.linear_1.in_features}")
+        install_serving_layers(unet, set(layers), self.context)
+        self.loads += 1
+        return LoadedAdapter(name, folder, files.meta, layers, proj)
+
+    def _make_resident(self, adapter: LoadedAdapter) -> None:
+        if self.budget_bytes is not None:
+            for victim in [n for n in self.resident if not self.in_use[n]]:
+                if self.resident_bytes + adapter.nbytes <= self.budget_bytes:
+                    break
+                del self.resident[victim]
+                self.evictions += 1
+            if self.resident_bytes + adapter.nbytes > self.budget_bytes:
+                raise AdapterError(f"adapter {adapter.name!r} ({adapter.nbytes} bytes) does not fit the resident budget "
+                                   f"of {self.budget_bytes} bytes next to the adapters in use")
+        self.resident[adapter.name] = adapter
 
     def get(self, name: str) -> LoadedAdapter:
-        if name not in self.adapters:
-            raise UnknownAdapter(f"unknown adapter {name!r}; available: {sorted(self.adapters)}")
-        return self.adapters[name]
+        """A resident adapter (reloaded from disk if it was evicted), marked most recently used."""
+        with self._lock:
+            if name not in self.known:
+                raise UnknownAdapter(f"unknown adapter {name!r}; available: {sorted(self.known)}")
+            if name not in self.resident:
+                self._make_resident(self._read(name, self.known[name]))
+            self.resident.move_to_end(name)
+            return self.resident[name]
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self.known:
+                raise UnknownAdapter(f"unknown adapter {name!r}; available: {sorted(self.known)}")
+            if self.in_use[name]:
+                raise AdapterInUse(f"adapter {name!r} is in use by {self.in_use[name]} request(s); retry when they finish")
+            self.resident.pop(name, None)
+            del self.known[name]
+
+    def acquire(self, chosen: AdapterSet) -> None:
+        """Mark a request's adapters in use: neither evicted nor unloaded until `release`."""
+        with self._lock:
+            self.in_use.update(a.name for a, _ in chosen)
+
+    def release(self, chosen: AdapterSet) -> None:
+        with self._lock:
+            self.in_use.subtract(a.name for a, _ in chosen)
+
+    def batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
+        """Slots for one UNet call: a slot per distinct non-empty set, composed by rank concatenation."""
+        keys: dict[tuple, int] = {}
+        slot_sets: list[AdapterSet] = []
+        row_slot = []
+        for chosen in row_sets:
+            if not chosen:
+                row_slot.append(-1)
+                continue
+            key = tuple((a.name, w) for a, w in chosen)
+            if key not in keys:
+                keys[key] = len(slot_sets)
+                slot_sets.append(chosen)
+            row_slot.append(keys[key])
+        rows = torch.tensor(row_slot, dtype=torch.long, device=self.model.device)
+        batch = AdapterBatch(rows, segments=segments_of(rows))
+        for layer in {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}:
+            batch.layers[layer] = self._compose_layer(layer, slot_sets)
+        batch.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in slot_sets]
+        return batch
+
+    def _compose_layer(self, layer: str, slot_sets: list[AdapterSet]):
+        """A (S, R, K), B (S, N, R), scales (S,): A = [A1; A2], B = [s1 B1, s2 B2], zero-padded to the largest R."""
+        parts = [[(a.layers[layer], w * a.scale) for a, w in chosen if layer in a.layers] for chosen in slot_sets]
+        if len(parts) == 1 and len(parts[0]) == 1:  # one slot, one adapter: views, no copy
+            (a, b), scale = parts[0][0]
+            return a[None], b[None], torch.tensor([scale])
+        base = self.model.unet.get_submodule(layer).base
+        ranks = [sum(ab[0].shape[0] for ab, _ in p) for p in parts]
+        r_max = max(ranks) or 1
+        lora_a = base.weight.new_zeros(len(parts), r_max, base.in_features)
+        lora_b = base.weight.new_zeros(len(parts), base.out_features, r_max)
+        for s, p in enumerate(parts):
+            r0 = 0
+            for (a, b), scale in p:
+                lora_a[s, r0:r0 + a.shape[0]] = a
+                lora_b[s, :, r0:r0 + a.shape[0]] = b * scale
+                r0 += a.shape[0]
+        return lora_a, lora_b, torch.ones(len(parts))
+
+    @contextmanager
+    def active(self, row_sets: list[AdapterSet]):
+        """Run a UNet call with these per-row adapter sets."""
+        self.context.current = self.batch(row_sets) if any(row_sets) else None
+        try:
+            yield
+        finally:
+            self.context.current = None

@@ -1,24 +1,26 @@
-"""Scheduler loops: classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598).
+"""Per-request sampling state machines: classifier-free guidance (Ho & Salimans 2022,
+arXiv 2207.12598) with two UNet rows per step, and guidance-distilled sampling (Meng et al.
+2022, arXiv 2210.03142, stage 1) with one w-conditioned row per step.
 
-Guidance convention (Meng et al. 2022, arXiv 2210.03142): w is the guidance weight in
+Guidance convention (Meng et al.): w is the guidance weight in
     eps = (1 + w) * eps(c) - w * eps(empty),
 so w = 0 is the plain conditional model; diffusers' guidance_scale equals 1 + w.
 
-Samplers never import models: they get a `denoise(latents, t, text) -> eps` callable,
-and a diffusers scheduler instance per request.
+The loop is inverted for step-level batching: a sampler says what rows it needs for its
+next step (`rows()`), someone evaluates the UNet on many samplers' rows at once, and the
+sampler takes its share back (`advance()`). Samplers never import models; each owns its
+diffusers scheduler instance, so rows at different timesteps share one UNet call.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
-
-Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_scheduler(name: str, config: dict):
@@ -27,53 +29,60 @@ def make_scheduler(name: str, config: dict):
     return SCHEDULERS[name].from_config(config)
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
-    """One generator per row: an image depends on its own seed only, never on its batch."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(device=device, dtype=dtype)  # (B, C, h, w)
+def initial_noise(seed: int, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """Noise from the request's own generator: an image depends on its seed only, never on its batch."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))).to(device=device, dtype=dtype)[None]
 
 
-def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: torch.Tensor, rescale: float = 0.0) -> torch.Tensor:
-    """(1 + w) eps_c - w eps_u per row; optional std rescale (Lin et al. 2023, arXiv 2305.08891)."""
-    w = w.view(-1, 1, 1, 1).to(eps_cond.dtype)
+def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float, rescale: float = 0.0) -> torch.Tensor:
+    """(1 + w) eps_c - w eps_u; optional std rescale (Lin et al. 2023, arXiv 2305.08891)."""
     eps = eps_cond + w * (eps_cond - eps_uncond)
     return rescale_noise_cfg(eps, eps_cond, guidance_rescale=rescale) if rescale > 0 else eps
 
 
-@torch.no_grad()
-def sample_cfg(denoise: Denoise, scheduler, cond: torch.Tensor, uncond: torch.Tensor, guidance: torch.Tensor,
-               latents: torch.Tensor, steps: int, rescale: float = 0.0,
-               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Teacher sampling: per step ONE batched UNet call over [uncond; cond] rows (2B rows).
+@dataclass
+class Rows:
+    """One step's UNet input rows for one sampler."""
 
-    cond, uncond: (B, T, D) text embeddings; guidance: (B,) w per row; latents: (B, C, h, w) noise.
-    Returns denoised latents (B, C, h, w).
-    """
-    scheduler.set_timesteps(steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
-    text = torch.cat([uncond, cond])  # (2B, T, D)
-    for i, t in enumerate(scheduler.timesteps):
-        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)  # (2B, C, h, w)
-        eps_uncond, eps_cond = denoise(x, t, text).chunk(2)
-        latents = scheduler.step(guided(eps_cond, eps_uncond, guidance, rescale), t, latents).prev_sample
-        if on_step:
-            on_step(i)
-    return latents
+    latents: torch.Tensor  # (k, C, h, w), scaled for the scheduler
+    timestep: torch.Tensor  # scalar
+    text: torch.Tensor  # (k, T, D)
+    guidance: torch.Tensor  # (k,) w fed to the w projection (rows without a distilled adapter ignore it)
 
 
-@torch.no_grad()
-def sample_single(denoise_w: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                  scheduler, cond: torch.Tensor, guidance: torch.Tensor, latents: torch.Tensor, steps: int,
-                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Guidance-distilled sampling (Meng et al. 2022 stage 1): ONE UNet call of B rows per step.
+class GuidedSampler:
+    """One image. `uncond` given -> CFG (2 rows per step); None -> single-eval (1 row, w-conditioned)."""
 
-    `denoise_w(latents, t, text, w)` is the w-conditioned student; cond (B, T, D); guidance (B,).
-    """
-    scheduler.set_timesteps(steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
-        eps = denoise_w(scheduler.scale_model_input(latents, t), t, cond, guidance)  # (B, C, h, w)
-        latents = scheduler.step(eps, t, latents).prev_sample
-        if on_step:
-            on_step(i)
-    return latents
+    def __init__(self, scheduler, noise: torch.Tensor, steps: int, w: float, cond: torch.Tensor,
+                 uncond: torch.Tensor | None, rescale: float = 0.0):
+        self.scheduler, self.w, self.rescale = scheduler, float(w), rescale
+        scheduler.set_timesteps(steps, device=noise.device)
+        self.timesteps = scheduler.timesteps
+        self.latents = noise * scheduler.init_noise_sigma  # (1, C, h, w)
+        self.text = cond if uncond is None else torch.cat([uncond, cond])  # (1 or 2, T, D)
+        self.step_index = 0
+
+    @property
+    def cfg(self) -> bool:
+        return self.text.shape[0] == 2
+
+    @property
+    def n_rows(self) -> int:
+        return self.text.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= len(self.timesteps)
+
+    def rows(self) -> Rows:
+        t = self.timesteps[self.step_index]
+        x = self.scheduler.scale_model_input(self.latents, t).expand(self.n_rows, -1, -1, -1)
+        return Rows(x, t, self.text, torch.full((self.n_rows,), self.w))
+
+    def advance(self, eps: torch.Tensor) -> None:
+        """eps: (n_rows, C, h, w), this sampler's share of the UNet output, in rows() order."""
+        if self.cfg:
+            eps = guided(eps[1:2], eps[0:1], self.w, self.rescale)
+        t = self.timesteps[self.step_index]
+        self.latents = self.scheduler.step(eps, t, self.latents).prev_sample
+        self.step_index += 1

@@ -2,6 +2,8 @@
 
 import json
 
+from safetensors.torch import load_file
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -12,6 +14,7 @@ from server.guidance import guidance_embedding
 from distill import toy_model
 from server.model import DiffusionModel, unet_fingerprint
 from server.pipeline import generate
+from server.lora_layers import ServingLoRALinear
 from server.registry import AdapterRegistry
 
 
@@ -29,7 +32,7 @@ def test_untrained_student_equals_conditional_teacher_and_shares_w0(random_toy_f
     n_base = sum(p.numel() for p in model.unet.parameters())
     x, t, cond = _inputs(model)
     teacher = model.unet(x, t, encoder_hidden_states=cond).sample
-    projection = attach_student(model, GuidanceDistillConfig(rank=4))
+    projection = attach_student(model.unet, GuidanceDistillConfig(rank=4))
     w = torch.tensor([3.0, 0.5])
     student = model.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
     torch.testing.assert_close(student, teacher)  # B = 0 and a zero w projection
@@ -79,7 +82,7 @@ def test_lora_part_loads_into_stock_diffusers_pipeline(trained_adapter, random_t
 
 def test_server_loads_adapter_and_samples_one_evaluation_per_step(trained_adapter, random_toy_folder):
     model = DiffusionModel.from_pretrained(random_toy_folder)
-    adapter = AdapterRegistry(model).load("guidance-toy", trained_adapter)
+    adapter = AdapterRegistry.of(model).load("guidance-toy", trained_adapter)
     rows = []
     hook = model.unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     single = generate(model, ["a red circle"], [0], 2.0, steps=3, adapters=[(adapter, 1.0)])
@@ -89,7 +92,36 @@ def test_server_loads_adapter_and_samples_one_evaluation_per_step(trained_adapte
     hook.remove()
     assert rows == [2, 2, 2] and cfg.mode == "cfg" and cfg.unet_evaluations == 6
     again = generate(model, ["a red circle"], [0], 2.0, steps=3)  # the adapter leaves no trace on the CFG path
-    assert list(again.images[0].getdata()) == list(cfg.images[0].getdata())
+    assert again.images[0].tobytes() == cfg.images[0].tobytes()
+
+
+def test_served_adapter_equals_the_peft_student_it_was_trained_as(trained_adapter, random_toy_folder):
+    """The serving path (own LoRA layers + per-row w projection) computes what peft computed in training."""
+
+    meta = json.loads((trained_adapter / "adapter.json").read_text())
+    peft_model = DiffusionModel.from_pretrained(random_toy_folder)
+    lora = load_file(str(trained_adapter / "pytorch_lora_weights.safetensors"))
+    peft_model.unet.load_lora_adapter(lora, prefix="unet", adapter_name="g")
+    proj = torch.nn.Linear(meta["embedding_dim"], peft_model.unet.time_embedding.linear_1.in_features, bias=False)
+    proj.weight.data = load_file(str(trained_adapter / "guidance_projection.safetensors"))["weight"]
+    peft_model.unet.time_embedding.cond_proj = proj
+    served = DiffusionModel.from_pretrained(random_toy_folder)
+    registry = AdapterRegistry.of(served)
+    adapter = registry.load("g", trained_adapter)
+    x, t, cond = _inputs(served)
+    w = torch.tensor([3.0, 0.5])
+    with torch.no_grad():
+        expected = peft_model.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+        with registry.active([((adapter, 1.0),), ((adapter, 1.0),)]):
+            got = served.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+        with registry.active([((adapter, 1.0),), ()]):  # row 1 without the adapter: the plain base
+            mixed = served.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+        peft_model.unet.disable_adapters()
+        base = peft_model.unet(x, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, base, atol=1e-4)
+    torch.testing.assert_close(mixed[0], expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[1], base[1], rtol=1e-4, atol=1e-5)
 
 
 def test_adapter_for_another_base_is_refused_and_nothing_is_loaded(trained_adapter, random_toy_folder):
@@ -97,7 +129,8 @@ def test_adapter_for_another_base_is_refused_and_nothing_is_loaded(trained_adapt
     torch.manual_seed(1)
     model.unet.load_state_dict(toy_model.build_unet().state_dict())  # same shapes, other weights
     model.fingerprint = unet_fingerprint(model.unet)
-    registry = AdapterRegistry(model)
+    registry = AdapterRegistry.of(model)
     with pytest.raises(AdapterError, match="trained on base model"):
         registry.load("guidance-toy", trained_adapter)
-    assert registry.adapters == {} and not getattr(model.unet, "peft_config", None)
+    assert registry.known == {} and not registry.resident
+    assert not any(isinstance(m, ServingLoRALinear) for m in model.unet.modules())

@@ -89,3 +89,29 @@ def test_openapi_documents_the_guidance_convention(client):
     props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
     assert "(1 + w)" in props["guidance"]["description"]
     assert json.dumps(props["steps"]).count("1000") >= 1
+
+
+def test_guidance_distilled_adapter_gives_single_eval_mode(client):
+    listed = client.get("/adapters").json()["adapters"]
+    assert {"name": "guidance-toy", "kind": "guidance"}.items() <= listed[0].items()
+    body = {"prompt": "a red circle", "guidance": 2.0, "steps": 4, "adapters": [{"name": "guidance-toy"}]}
+    resp = client.post("/generate", json=body)
+    _png(resp)
+    assert resp.headers["x-mode"] == "single-eval" and resp.headers["x-unet-evaluations"] == "4"
+    assert resp.headers["x-adapters"] == "guidance-toy"
+    plain = client.post("/generate", json={**body, "adapters": []})
+    assert plain.headers["x-mode"] == "cfg" and plain.content != resp.content
+
+
+def test_guidance_outside_the_adapters_trained_range_is_422(client):
+    body = {"prompt": "a red circle", "guidance": 7.5, "steps": 2, "adapters": [{"name": "guidance-toy"}]}
+    resp = client.post("/generate", json=body)
+    assert resp.status_code == 422
+    detail = resp.json()["detail"][0]
+    assert detail["field"] == "guidance" and "[0.0, 5.0]" in detail["message"]
+
+
+def test_unknown_adapter_is_404_listing_the_available_ones(client):
+    resp = client.post("/generate", json={"prompt": "x", "steps": 2, "adapters": [{"name": "guidance"}]})
+    assert resp.status_code == 404
+    assert "'guidance'" in resp.json()["detail"] and "guidance-toy" in resp.json()["detail"]

@@ -1,0 +1,48 @@
+"""Helpers shared by benchmarks: the embedded model with its guidance adapter, interleaved timing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+from pathlib import Path
+
+import torch
+
+from distill.sd15 import sd15_scheduler, sd15_unet
+from distill.synthetic_adapters import write_random_adapter
+from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from server.model import DiffusionModel, unet_fingerprint
+from server.registry import AdapterRegistry, LoadedAdapter
+
+GUIDANCE_ADAPTER = "guidance-toy"
+
+
+def toy_with_guidance_adapter() -> tuple[DiffusionModel, LoadedAdapter]:
+    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+    adapter = AdapterRegistry.of(model).load(GUIDANCE_ADAPTER, EMBEDDED_ADAPTERS / GUIDANCE_ADAPTER)
+    return model, adapter
+
+
+def sd15_with_adapter(folder: Path, quick: bool, kind: str, rank: int) -> tuple[DiffusionModel, LoadedAdapter]:
+    """A random-weight SD-1.5-shaped UNet (quick: narrow channels) with a random adapter of `kind`, served."""
+    torch.manual_seed(0)
+    unet = (sd15_unet(block_out_channels=(32, 32, 64, 64)) if quick else sd15_unet()).eval().requires_grad_(False)
+    model = DiffusionModel(unet, None, None, None, dict(sd15_scheduler().config), {}, unet_fingerprint(unet))
+    write_random_adapter(folder / "adapter", unet, model.fingerprint, kind=kind, rank=rank, std=0.01)
+    return model, AdapterRegistry.of(model).load("sd15-" + kind, folder / "adapter")
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable, run A B A B ... so drift hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,104 @@
+"""distill_memory: peak memory of one guidance-distillation training step (UNet part).
+
+Each configuration runs in its own process and reports its peak RSS (resident set size of
+the whole process, model construction included; on CPU there is no allocator figure):
+  shared: the product path, ONE UNet: teacher = W0 with adapters off (no_grad, nothing kept),
+          student = W0 + LoRA + w projection with gradient checkpointing (distillation_step).
+  copy:   baseline (a), a deep-copied teacher beside the LoRA student, otherwise identical.
+  full:   baseline (b), conventional distillation: teacher copy + fully trained student, AdamW.
+Toy: the embedded UNet at batch 64, 16x16 latents. SD15: random-weight SD-1.5-shaped UNet,
+32x32 latent, batch 1, fp32, rank 64. Text encoder and VAE are outside all three (the same for each).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+
+CONFIGS = ("shared", "copy", "full")
+
+
+def _unet(scale: str, quick: bool):
+    from diffusers import UNet2DConditionModel
+
+    from distill.sd15 import sd15_unet
+
+    if scale == "toy":
+        return UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL, subfolder="unet"), 64, 16, 16, 64
+    unet = sd15_unet(block_out_channels=(32, 32, 64, 64)) if quick else sd15_unet()
+    return unet, 1, 32, 64, 77  # batch, latent, rank, tokens
+
+
+def _step(config: str, scale: str, quick: bool) -> int:
+    """One training step of `config`; returns the process's peak RSS in bytes."""
+    from distill.guidance_distill import GuidanceDistillConfig, attach_student, distillation_step
+    from server.guidance import guidance_embedding, install_projection, new_projection
+
+    torch.manual_seed(0)
+    unet, batch, latent, rank, tokens = _unet(scale, quick)
+    unet.requires_grad_(False)
+    dim = unet.config.cross_attention_dim
+    x0, cond, uncond = torch.randn(batch, 4, latent, latent), torch.randn(batch, tokens, dim), torch.randn(batch, tokens, dim)
+    w = torch.full((batch,), 2.0)
+    alphas = torch.linspace(0.9999, 0.005, 1000)
+    cfg = GuidanceDistillConfig(rank=rank)
+    teacher = None if config == "shared" else copy.deepcopy(unet).eval()
+    if config == "full":
+        unet.requires_grad_(True)
+        install_projection(unet, new_projection(unet))
+    else:
+        attach_student(unet, cfg)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+    if config == "shared":
+        loss = distillation_step(unet, unet, x0, cond, uncond, w, alphas)
+    else:  # same step, the teacher pass on the separate copy
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,))
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.no_grad():
+            eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                   encoder_hidden_states=torch.cat([cond, uncond])).sample.chunk(2)
+            target = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+        eps = unet(x_t, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+        loss = torch.nn.functional.mse_loss(eps, target)
+    loss.backward()
+    opt.step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measure(config: str, scale: str, quick: bool) -> int:
+    cmd = [sys.executable, "-m", "bench.distill_memory", config, scale] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+def _dir_bytes(folder: Path, suffix: str = ".safetensors") -> int:
+    return sum(f.stat().st_size for f in folder.glob(f"*{suffix}"))
+
+
+def run(quick: bool = False) -> dict:
+    figures = {}
+    for scale in ("toy", "sd15"):
+        rss = {c: _measure(c, scale, quick) for c in CONFIGS}
+        figures[f"ratio_{scale}"] = rss["shared"] / rss["copy"]
+        figures[f"ratio_full_{scale}"] = rss["shared"] / rss["full"]
+        figures.update({f"peak_rss_{c}_{scale}_gib": rss[c] / 2**30 for c in CONFIGS})
+    figures["adapter_bytes"] = _dir_bytes(EMBEDDED_ADAPTERS / "guidance-toy")
+    figures["unet_bytes"] = _dir_bytes(EMBEDDED_MODEL / "unet")
+    return figures
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    config, scale = sys.argv[1], sys.argv[2]
+    print(json.dumps({"peak_rss_bytes": _step(config, scale, quick)}))

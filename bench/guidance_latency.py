@@ -1,0 +1,107 @@
+"""guidance_latency: single-evaluation distilled sampling vs two-evaluation CFG, side by side.
+
+ratio = distilled / teacher latency, whole images (text encoding + denoising + decoding) at
+equal steps on the toy, interleaved. limit = the best that ratio can be on this machine, from
+the same run's component timings, with W0's own batch-1 time (LoRA at no cost):
+    (text(1 prompt) + steps * unet(batch 1) + decode) / (text(2 prompts) + steps * unet(batch 2) + decode)
+limit_with_lora uses the student's measured batch-1 time instead (unmerged LoRA included).
+ratio_sd15 = the same ratio for the denoising loop of a random-weight SD-1.5-shaped UNet at a
+32x32 latent and 4 steps, the student carrying a rank-64 LoRA (random weights) and the w
+projection (text encoder and VAE are not part of that figure).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tempfile
+from pathlib import Path
+
+from server.guidance import guidance_embedding
+from server.pipeline import Request, generate, unet_step
+from server.registry import AdapterRegistry
+from server.sampler import GuidedSampler, initial_noise, make_scheduler
+
+from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
+
+PROMPT = "a small blue triangle on a yellow background"
+
+
+def _count_rows(model, fn) -> int:
+    rows = []
+    hook = model.unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    fn()
+    hook.remove()
+    return sum(rows)
+
+
+def _toy(quick: bool) -> dict:
+    model, adapter = toy_with_guidance_adapter()
+    steps, rounds = (3, 2) if quick else (25, 9)
+    teacher = lambda: generate(model, [PROMPT], [0], 2.0, steps)
+    distilled = lambda: generate(model, [PROMPT], [0], 2.0, steps, adapters=[(adapter, 1.0)])
+    whole = interleaved_medians({"teacher": teacher, "distilled": distilled}, rounds)
+
+    # component timings, each in the configuration its sampler runs it
+    shape = model.latent_shape(model.default_size, model.default_size)
+    x1, x2 = torch.randn(1, *shape), torch.randn(2, *shape)
+    text1, text2 = model.encode_prompts([PROMPT]), model.encode_prompts([PROMPT, ""])
+    t = torch.tensor(500)
+    registry = AdapterRegistry.of(model)
+
+    def unet_call(x, text, row_sets):
+        with torch.no_grad(), registry.active(row_sets):
+            model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.full((len(x),), 2.0)))
+
+    unet_student = lambda: unet_call(x1, text1, [((adapter, 1.0),)])
+    unet_base_b1 = lambda: unet_call(x1, text1, [()])
+    unet_teacher = lambda: unet_call(x2, text2, [(), ()])
+
+    parts = interleaved_medians({
+        "unet_b1_student": unet_student, "unet_b1_base": unet_base_b1, "unet_b2_teacher": unet_teacher,
+        "text_1": lambda: model.encode_prompts([PROMPT]), "text_2": lambda: model.encode_prompts([PROMPT, ""]),
+        "decode": lambda: model.decode(x1),
+    }, rounds=rounds * 3)
+
+    def limit_with(b1: float) -> float:
+        teacher_parts = parts["text_2"] + steps * parts["unet_b2_teacher"] + parts["decode"]
+        return (parts["text_1"] + steps * b1 + parts["decode"]) / teacher_parts
+
+    limit = limit_with(parts["unet_b1_base"])  # a single evaluation as cheap as W0's: LoRA for free
+    return {
+        "ratio": whole["distilled"] / whole["teacher"],
+        "limit": limit,
+        "ratio_over_limit": whole["distilled"] / whole["teacher"] / limit,
+        "teacher_ms": whole["teacher"] * 1e3, "distilled_ms": whole["distilled"] * 1e3,
+        "limit_with_lora": limit_with(parts["unet_b1_student"]),  # the student's measured b1, unmerged LoRA included
+        "unet_b1_base_ms": parts["unet_b1_base"] * 1e3, "unet_b1_student_ms": parts["unet_b1_student"] * 1e3,
+        "unet_b2_ms": parts["unet_b2_teacher"] * 1e3,
+        "unet_calls_distilled": _count_rows(model, distilled), "unet_calls_teacher": _count_rows(model, teacher),
+        "steps": steps,
+    }
+
+
+def _sd15(quick: bool) -> dict:
+    """Denoising loops on an SD-1.5-shaped UNet (quick: a narrow variant of the same layout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, adapter = sd15_with_adapter(Path(tmp), quick, kind="guidance", rank=64)
+        latent = 8 if quick else 32
+        cond = torch.randn(1, 77, model.unet.config.cross_attention_dim)
+        uncond = torch.randn_like(cond)
+        registry = AdapterRegistry.of(model)
+
+        def run_loop(adapters: tuple, text_uncond) -> None:
+            noise = initial_noise(0, (4, latent, latent), "cpu", torch.float32)
+            sampler = GuidedSampler(make_scheduler("ddim", model.scheduler_config), noise, 4, 2.0, cond, text_uncond)
+            request = Request(sampler, adapters)
+            while not sampler.done:
+                unet_step(model, registry, [request])
+
+        whole = interleaved_medians({"teacher": lambda: run_loop((), uncond),
+                                     "distilled": lambda: run_loop(((adapter, 1.0),), None)}, 1 if quick else 3)
+    return {"ratio_sd15": whole["distilled"] / whole["teacher"], "teacher_sd15_ms": whole["teacher"] * 1e3,
+            "distilled_sd15_ms": whole["distilled"] * 1e3}
+
+
+def run(quick: bool = False) -> dict:
+    return {**_toy(quick), **_sd15(quick)}

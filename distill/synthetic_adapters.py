@@ -1,0 +1,40 @@
+"""Adapters with random weights in the real file format, for benchmarks and tests.
+
+Shapes, file layout and metadata are exactly what the distillers write; only the values are
+random (a style LoRA or a guidance adapter at any rank on any base, without training one).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from distill.guidance_distill import DEFAULT_TARGETS
+from server.adapters import LORA_FILE, META_FILE, PROJECTION_FILE, AdapterMeta
+from server.guidance import EMBEDDING_DIM
+
+
+def write_random_adapter(folder: Path, unet, base_fingerprint: str, kind: str = "style", rank: int = 4,
+                         targets: list[str] = DEFAULT_TARGETS, std: float = 0.05, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and any(name.endswith(t) for t in targets):
+            lora[f"unet.{name}.lora.down.weight"] = torch.randn(rank, module.in_features, generator=g) * std
+            lora[f"unet.{name}.lora.up.weight"] = torch.randn(module.out_features, rank, generator=g) * std
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(folder / LORA_FILE))
+    meta = AdapterMeta(kind=kind, base_fingerprint=base_fingerprint, rank=rank, alpha=float(rank),
+                       target_modules=list(targets), training={"synthetic": True, "seed": seed})
+    if kind == "guidance":
+        meta.w_max, meta.embedding_dim = 5.0, EMBEDDING_DIM
+        proj = torch.randn(unet.time_embedding.linear_1.in_features, EMBEDDING_DIM, generator=g) * std
+        save_file({"weight": proj}, str(folder / PROJECTION_FILE))
+    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=1))
+    return folder

@@ -1,0 +1,65 @@
+"""LoRA linear with a per-row adapter slot: the torch reference (CPU path and test oracle).
+
+Punica / S-LoRA (arXiv 2310.18547, 2311.03285) batch different adapters in one matmul;
+this is the same op for diffusion serving, where the rows of one UNet call belong to
+different requests, each with its own (composed) adapter set.
+
+Semantics:
+    y[r] = x[r] @ W0^T + bias + scales[s] * (x[r] @ A[s]^T) @ B[s]^T    with s = row_adapter[r]
+    rows with s = -1 get the base only.
+Shape:
+    x (M, K) or (Bt, N, K) with row_adapter indexing the leading dim Bt;
+    weight (N_out, K); bias (N_out,) or None; lora_a (S, R, K); lora_b (S, N_out, R);
+    scales (S,); row_adapter (M,) or (Bt,) int64 in [-1, S).
+Composed adapter sets are rank-concatenated into one slot: A = [A1; A2], B = [s1 B1, s2 B2],
+padded with zeros to the largest rank R in the batch (zero rows/columns add nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> None:
+    """ValueError naming the tensors and their shapes when they do not fit together."""
+    k = x.shape[-1]
+    shapes = (f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a {tuple(lora_a.shape)}, "
+              f"lora_b {tuple(lora_b.shape)}, scales {tuple(scales.shape)}, row_adapter {tuple(row_adapter.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must be (N, K) with K = x.shape[-1]; got {shapes}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (N,) = ({weight.shape[0]},); got bias {tuple(bias.shape)}")
+    if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[2] != k or lora_b.shape[1] != weight.shape[0] \
+            or lora_a.shape[0] != lora_b.shape[0] or lora_a.shape[1] != lora_b.shape[2]:
+        raise ValueError(f"lora_a must be (S, R, K) and lora_b (S, N, R); got {shapes}")
+    if scales.shape != (lora_a.shape[0],):
+        raise ValueError(f"scales must be (S,) = ({lora_a.shape[0]},); got {shapes}")
+    if row_adapter.dim() != 1 or row_adapter.shape[0] != x.shape[0] or row_adapter.dtype != torch.long:
+        raise ValueError(f"row_adapter must be int64 (x.shape[0],); got {shapes}, dtype {row_adapter.dtype}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+
+
+def segments_of(row_adapter: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """(slot, row indices) per slot >= 0 present; indices None when the slot covers every row."""
+    slots = torch.unique(row_adapter).tolist()
+    if len(slots) == 1:
+        return [] if slots[0] < 0 else [(slots[0], None)]
+    return [(s, (row_adapter == s).nonzero().squeeze(1)) for s in slots if s >= 0]
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, scales: torch.Tensor, row_adapter: torch.Tensor,
+                          segments: list[tuple[int, torch.Tensor | None]] | None = None) -> torch.Tensor:
+    """`segments` (from `segments_of(row_adapter)`) may be passed to skip recomputing them per layer."""
+    check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter)
+    y = torch.nn.functional.linear(x, weight, bias)  # (M, [N,] N_out)
+    for s, rows in segments if segments is not None else segments_of(row_adapter):  # punica's SGMV, in torch
+        xs = x if rows is None else x.index_select(0, rows)
+        delta = (xs @ lora_a[s].T) @ lora_b[s].T  # (m, [N,] N_out), rank-R bottleneck
+        if rows is None:
+            y.add_(delta, alpha=float(scales[s]))
+        else:
+            y.index_add_(0, rows, delta, alpha=float(scales[s]))
+    return y
