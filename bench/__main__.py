@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "distill_memory"]
+BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "distill_memory", "swap", "throughput",
+              "http_overhead"]
 RESULTS = Path(".bench/results.json")
 
 

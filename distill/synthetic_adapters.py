@@ -24,6 +24,7 @@ def write_random_adapter(folder: Path, unet, base_fingerprint: str, kind: str = 
     g = torch.Generator().manual_seed(seed)
     lora = {}
     for name, module in unet.named_modules():
+        module = getattr(module, "base", module)  # a layer already wrapped for serving keeps its Linear as .base
         if isinstance(module, nn.Linear) and any(name.endswith(t) for t in targets):
             lora[f"unet.{name}.lora.down.weight"] = torch.randn(rank, module.in_features, generator=g) * std
             lora[f"unet.{name}.lora.up.weight"] = torch.randn(module.out_features, rank, generator=g) * std

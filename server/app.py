@@ -29,6 +29,12 @@ def _unprocessable(field: str, message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=[{"field": field, "message": message}])
 
 
+def _describe(adapter) -> dict:
+    meta = adapter.meta
+    out = {"kind": meta.kind, "rank": meta.rank, "bytes": adapter.nbytes, "recommended_steps": meta.recommended_steps}
+    return {**out, "w_range": [meta.w_min, meta.w_max]} if adapter.single_eval else out
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -66,6 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(AdapterInUse)
     async def adapter_in_use(request: Request, exc: AdapterInUse):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    @app.exception_handler(AdapterError)
+    async def unusable_adapter_set(request: Request, exc: AdapterError):
+        return JSONResponse(status_code=422, content={"detail": [{"field": "adapters", "message": str(exc)}]})
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull):
@@ -129,9 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reg = eng.registry
         return {"budget_bytes": reg.budget_bytes, "resident_bytes": reg.resident_bytes,
                 "adapters": [{"name": name, "resident": name in reg.resident, "in_use": reg.in_use[name],
-                              **({"kind": a.meta.kind, "w_range": [a.meta.w_min, a.meta.w_max], "rank": a.meta.rank,
-                                  "bytes": a.nbytes, "recommended_steps": a.meta.recommended_steps}
-                                 if (a := reg.resident.get(name)) else {})}
+                              **(_describe(a) if (a := reg.resident.get(name)) else {})}
                              for name in sorted(reg.known)]}
 
     @app.post("/adapters", status_code=201, dependencies=[Depends(admin)])
@@ -164,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics(eng: Engine = Depends(engine)) -> Response:
         eng.metrics.observe_memory()
+        eng.metrics.observe_registry(eng.registry)  # on-demand reloads and evictions happen between scrapes
         return Response(generate_latest(eng.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")

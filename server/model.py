@@ -89,7 +89,8 @@ class DiffusionModel:
 
 def unet_fingerprint(unet: UNet2DConditionModel) -> str:
     """Identifies a base UNet (config + a sample of its weights) so adapters can refuse a wrong base."""
-    h = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}  # not _name_or_path: same base, any path
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(unet.state_dict().items())[::7]:
         h.update(name.encode())
         h.update(p.detach().flatten()[:64].half().cpu().numpy().tobytes())  # fp16: same for fp32 and fp16 copies

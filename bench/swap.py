@@ -1,0 +1,65 @@
+"""swap: switching the adapters a batch uses, against one request's latency, and cold loads.
+
+A switch is building the per-call AdapterBatch for another resident adapter set (views of
+owned tensors, no reload, no W0 copy); the engine does this every UNet call anyway.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from distill.synthetic_adapters import write_random_adapter
+from server.config import EMBEDDED_ADAPTERS
+from server.pipeline import generate
+from server.registry import AdapterRegistry
+
+from bench.common import GUIDANCE_ADAPTER, sd15_with_adapter, toy_with_guidance_adapter
+
+
+def _switch_ms(registry, set_a, set_b, rows: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        for chosen in (set_a, set_b):
+            t0 = time.perf_counter()
+            with registry.active([chosen] * rows):
+                pass
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _cold_load_ms(registry, name: str, folder: Path, repeats: int) -> float:
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        registry.load(f"{name}-{i}", folder)
+        times.append(time.perf_counter() - t0)
+        registry.unload(f"{name}-{i}")
+    return statistics.median(times) * 1e3
+
+
+def run(quick: bool = False) -> dict:
+    repeats = 5 if quick else 200
+    model, guidance = toy_with_guidance_adapter()
+    registry = AdapterRegistry.of(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        style = registry.load("style", write_random_adapter(Path(tmp) / "style", model.unet, model.fingerprint, rank=16))
+        switch = _switch_ms(registry, ((guidance, 1.0),), ((style, 1.0),), rows=1, repeats=repeats)
+        switch_composed = _switch_ms(registry, ((guidance, 1.0), (style, 0.7)), ((style, 1.0),), rows=1, repeats=repeats)
+        steps = 3 if quick else 25
+        t0 = time.perf_counter()
+        for _ in range(3):
+            generate(model, ["a red circle"], [0], 2.0, steps, adapters=((guidance, 1.0),))
+        request_ms = (time.perf_counter() - t0) / 3 * 1e3
+        cold = _cold_load_ms(registry, "cold", EMBEDDED_ADAPTERS / GUIDANCE_ADAPTER, 3 if quick else 20)
+        sd_model, sd_adapter = sd15_with_adapter(Path(tmp) / "sd", quick, kind="style", rank=64)
+        sd_registry = AdapterRegistry.of(sd_model)
+        sd_style2 = sd_registry.load("sd15-style2", write_random_adapter(
+            Path(tmp) / "sd2", sd_model.unet, sd_model.fingerprint, rank=64, seed=1))
+        switch_sd15 = _switch_ms(sd_registry, ((sd_adapter, 1.0),), ((sd_style2, 1.0),), rows=2, repeats=repeats)
+        cold_sd15 = _cold_load_ms(sd_registry, "cold", Path(tmp) / "sd2", 3 if quick else 5)
+    return {"switch_ms": switch, "switch_share": switch / request_ms, "cold_load_ms": cold,
+            "switch_composed_ms": switch_composed, "request_ms": request_ms,
+            "switch_ms_sd15": switch_sd15, "cold_load_ms_sd15": cold_sd15}

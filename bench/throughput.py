@@ -1,0 +1,74 @@
+"""throughput: 8 concurrent clients with mixed adapters vs the same requests one at a time.
+
+In-process engine (step-level batching); HTTP costs are measured separately (http_overhead).
+speedup = images/s concurrent / images/s sequential; p99_over_solo = p99 latency under
+concurrency / median latency of the same requests alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distill.synthetic_adapters import write_random_adapter
+from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from server.engine import Engine, Job
+from server.model import DiffusionModel
+
+CLIENTS = 8
+
+
+def _jobs(per_client: int, steps: int) -> list[list[Job]]:
+    mixes = [(), (("guidance-toy", 1.0),), (("style", 1.0),), (("guidance-toy", 1.0), ("style", 0.5))]
+    return [[Job(prompt=f"a red circle {c}", guidance=2.0, steps=steps, seed=c * 100 + i, adapters=mixes[c % 4])
+             for i in range(per_client)] for c in range(CLIENTS)]
+
+
+async def _measure(engine: Engine, clients: list[list[Job]]) -> tuple[list[float], list[float], float, float]:
+    solo = []
+    t0 = time.perf_counter()
+    for jobs in clients:
+        for job in jobs:
+            t = time.perf_counter()
+            await engine.submit(job)
+            solo.append(time.perf_counter() - t)
+    sequential = time.perf_counter() - t0
+
+    async def client(jobs):
+        out = []
+        for job in jobs:
+            t = time.perf_counter()
+            await engine.submit(job)
+            out.append(time.perf_counter() - t)
+        return out
+
+    t0 = time.perf_counter()
+    crowd = [x for lat in await asyncio.gather(*(client(j) for j in clients)) for x in lat]
+    return solo, crowd, sequential, time.perf_counter() - t0
+
+
+def run(quick: bool = False) -> dict:
+    per_client, steps = (1, 3) if quick else (3, 25)
+    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(model, queue_size=64, max_rows=16)
+        engine.load_adapters_from(EMBEDDED_ADAPTERS)
+        engine.registry.load("style", write_random_adapter(Path(tmp) / "style", model.unet, model.fingerprint, rank=8))
+
+        async def main():
+            await engine.start()
+            result = await _measure(engine, _jobs(per_client, steps))
+            await engine.stop()
+            return result
+
+        solo, crowd, sequential_s, concurrent_s = asyncio.run(main())
+    n = len(solo)
+    return {"speedup": sequential_s / concurrent_s, "p99_over_solo": float(np.percentile(crowd, 99)) / statistics.median(solo),
+            "images_per_s_sequential": n / sequential_s, "images_per_s_concurrent": n / concurrent_s,
+            "solo_median_ms": statistics.median(solo) * 1e3, "concurrent_p99_ms": float(np.percentile(crowd, 99)) * 1e3,
+            "requests": n}

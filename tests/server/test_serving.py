@@ -1,0 +1,199 @@
+"""Engine and admin behaviour: batching, determinism, adapters at runtime, metrics, bad input."""
+
+import asyncio
+import io
+import shutil
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from distill.synthetic_adapters import write_random_adapter
+from server.app import create_app
+from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL, Settings
+from server.engine import Engine, Job
+from server.model import DiffusionModel
+
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, toy_model):
+    root = tmp_path_factory.mktemp("adapters")
+    shutil.copytree(EMBEDDED_ADAPTERS / "guidance-toy", root / "guidance-toy")
+    for i in range(2):
+        write_random_adapter(root / "spare" / f"style{i}", toy_model.unet, toy_model.fingerprint, rank=4 + 4 * i, seed=i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(root):
+    with TestClient(create_app(Settings(adapters_root=str(root), api_key=KEY))) as c:
+        yield c
+
+
+def _load(client, name, path, key=KEY):
+    return client.post("/adapters", json={"name": name, "path": path}, headers={"X-API-Key": key} if key else {})
+
+
+def test_admin_routes_need_the_key(client):
+    assert _load(client, "s", "spare/style0", key=None).status_code == 401
+    assert _load(client, "s", "spare/style0", key="wrong").status_code == 401
+    assert client.delete("/adapters/guidance-toy").status_code == 401
+
+
+def test_load_compose_and_unload_a_style_adapter(client):
+    assert _load(client, "style0", "spare/style0").status_code == 201
+    body = {"prompt": "a red circle", "guidance": 2.0, "steps": 3, "seed": 5}
+    plain = client.post("/generate", json=body)
+    styled = client.post("/generate", json={**body, "adapters": [{"name": "style0", "weight": 1.0}]})
+    both = client.post("/generate", json={**body, "adapters": [{"name": "guidance-toy"}, {"name": "style0"}]})
+    assert plain.headers["x-mode"] == styled.headers["x-mode"] == "cfg" and both.headers["x-mode"] == "single-eval"
+    assert len({plain.content, styled.content, both.content}) == 3
+    assert client.delete("/adapters/style0", headers={"X-API-Key": KEY}).status_code == 200
+    gone = client.post("/generate", json={**body, "adapters": [{"name": "style0"}]})
+    assert gone.status_code == 404 and "guidance-toy" in gone.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "path, reason",
+    [("../..", "outside the adapters root"), ("spare", "adapter.json"), ("nowhere", "adapter.json")],
+)
+def test_bad_adapter_loads_are_400_and_change_nothing(client, path, reason):
+    before = client.get("/adapters").json()
+    resp = _load(client, "bad", path)
+    assert resp.status_code == 400 and reason in resp.json()["detail"]
+    assert client.get("/adapters").json() == before
+    assert client.post("/generate", json={"prompt": "x", "steps": 2}).status_code == 200
+
+
+def test_corrupt_or_foreign_adapter_is_refused(client, root):
+    corrupt = root / "spare" / "corrupt"
+    shutil.copytree(root / "spare" / "style1", corrupt)
+    (corrupt / "pytorch_lora_weights.safetensors").write_bytes(b"garbage")
+    assert "not a readable safetensors" in _load(client, "c", "spare/corrupt").json()["detail"]
+    pickled = root / "spare" / "pickled"
+    shutil.copytree(root / "spare" / "style1", pickled)
+    (pickled / "pytorch_lora_weights.safetensors").rename(pickled / "pytorch_lora_weights.bin")
+    assert "safetensors files only" in _load(client, "p", "spare/pickled").json()["detail"]
+    foreign = root / "spare" / "foreign"
+    shutil.copytree(root / "spare" / "style1", foreign)
+    meta = (foreign / "adapter.json").read_text().replace('"base_fingerprint": "', '"base_fingerprint": "0')
+    (foreign / "adapter.json").write_text(meta)
+    assert "trained on base model" in _load(client, "f", "spare/foreign").json()["detail"]
+
+
+def test_json_response_format_and_sizes(client):
+    resp = client.post("/generate", json={"prompt": "a blue square", "steps": 2, "width": 48, "height": 24,
+                                          "response_format": "json"})
+    info = resp.json()["info"]
+    assert set(info["latency_ms"]) >= {"queue", "text_encode", "denoise", "decode", "total"}
+    assert info["peak_memory"]["kind"] == "process_rss" and info["peak_memory"]["peak_bytes"] > 0
+    import base64
+
+    image = Image.open(io.BytesIO(base64.b64decode(resp.json()["image_png_base64"])))
+    assert image.size == (48, 24)
+    bad = client.post("/generate", json={"prompt": "x", "width": 30})
+    assert bad.status_code == 422 and "multiple of 8 in [8, 64]" in bad.json()["detail"][0]["message"]
+
+
+def test_negative_prompt_is_cfg_only(client):
+    body = {"prompt": "a red circle", "steps": 2, "seed": 1, "guidance": 3.0}  # w > 0: the uncond branch counts
+    assert client.post("/generate", json={**body, "negative_prompt": "a blue square"}).content != \
+        client.post("/generate", json=body).content
+    resp = client.post("/generate", json={**body, "negative_prompt": "x", "adapters": [{"name": "guidance-toy"}]})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["field"] == "negative_prompt"
+
+
+def test_metrics_are_exposed(client):
+    client.post("/generate", json={"prompt": "x", "steps": 2})
+    text = client.get("/metrics").text
+    for name in ("distillery_request_latency_seconds_bucket", "distillery_queue_depth", "distillery_batch_rows_bucket",
+                 "distillery_unet_evaluations_total", 'distillery_device_memory_bytes{kind="peak"',
+                 "distillery_adapters_resident", "distillery_adapters_resident_bytes", "distillery_adapter_loads_total",
+                 "distillery_adapter_evictions_total", "distillery_errors_total"):
+        assert name in text, name
+
+
+def test_same_request_same_image_whatever_shares_its_batch(toy_model):
+    """Step-level batching: rows of other requests (other t, w, adapters) do not change an image.
+
+    Not bit-exact on CPU: oneDNN picks batch-size-dependent convolution algorithms (~1e-6 apart),
+    which can flip a rare 8-bit pixel value by one level. Asserted here: at most one level anywhere.
+    """
+
+    async def scenario():
+        engine = Engine(toy_model, queue_size=16, max_rows=16)
+        engine.load_adapters_from(EMBEDDED_ADAPTERS)
+        await engine.start()
+        probe = Job(prompt="a small red circle", guidance=2.0, steps=6, seed=7)
+        alone = await engine.submit(probe)
+        others = [Job(prompt="a cyan cross", guidance=1.0, steps=9, seed=1),
+                  Job(prompt="a green square", guidance=3.0, steps=4, seed=2, adapters=(("guidance-toy", 1.0),)),
+                  Job(prompt="", guidance=0.0, steps=6, seed=3, scheduler="euler")]
+        crowd = await asyncio.gather(*(engine.submit(j) for j in others), engine.submit(probe))
+        rows = engine.metrics.batch_rows.collect()[0].samples
+        await engine.stop()
+        return alone, crowd, rows
+
+    alone, crowd, rows = asyncio.run(scenario())
+    a = np.asarray(alone.image, dtype=int)
+    b = np.asarray(crowd[-1].image, dtype=int)
+    assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
+    batched = max(s.value for s in rows if s.name.endswith("_sum"))
+    assert batched > 2 * 6  # the probe's CFG rows really shared calls with others
+    assert crowd[1].mode == "single-eval" and crowd[1].unet_evaluations == 4
+
+
+def test_queue_full_is_429_with_retry_after(toy_model):
+    async def scenario():
+        engine = Engine(toy_model, queue_size=1, max_rows=2)
+        await engine.start()
+        jobs = [engine.submit(Job(prompt="x", guidance=0.0, steps=3, seed=i)) for i in range(4)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        await engine.stop()
+        return results
+
+    from server.engine import QueueFull
+
+    results = asyncio.run(scenario())
+    assert any(isinstance(r, QueueFull) for r in results)
+    assert any(not isinstance(r, Exception) for r in results)
+
+
+def test_unloading_an_adapter_in_use_is_refused(toy_model, root):
+    from server.registry import AdapterInUse, AdapterRegistry
+
+    registry = AdapterRegistry.of(toy_model)
+    adapter = registry.load("held", root / "spare" / "style1")
+    registry.acquire(((adapter, 1.0),))
+    with pytest.raises(AdapterInUse, match="in use by 1 request"):
+        registry.unload("held")
+    registry.release(((adapter, 1.0),))
+    registry.unload("held")
+    assert "held" not in registry.known
+
+
+def test_byte_budget_evicts_least_recently_used_and_reloads_on_demand(root):
+    from server.registry import AdapterRegistry
+
+    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)  # its own registry
+    registry = AdapterRegistry.of(model)
+    small = registry.load("small", root / "spare" / "style0")
+    registry.budget_bytes = small.nbytes * 2 + 1  # style1 (rank 8) is twice style0 (rank 4): one of them fits
+    registry.load("big", root / "spare" / "style1")
+    assert list(registry.resident) == ["big"] and registry.evictions == 1
+    again = registry.get("small")  # evicted, still known: reloaded from disk, evicting the other
+    assert list(registry.resident) == ["small"] and registry.loads == 3 and registry.evictions == 2
+    assert again.nbytes == small.nbytes
+    registry.acquire(((again, 1.0),))
+    with pytest.raises(Exception, match="does not fit"):
+        registry.get("big")  # the only resident adapter is in use: no room
+
+
+def test_two_guidance_adapters_in_one_request_is_422(client, root, toy_model):
+    write_random_adapter(root / "g2", toy_model.unet, toy_model.fingerprint, kind="guidance", rank=4)
+    assert _load(client, "g2", "g2").status_code == 201
+    resp = client.post("/generate", json={"prompt": "x", "steps": 2, "adapters": [{"name": "guidance-toy"}, {"name": "g2"}]})
+    assert resp.status_code == 422 and "at most one guidance-distilled adapter" in resp.json()["detail"][0]["message"]
