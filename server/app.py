@@ -96,6 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if value is not None and (value % step or not step <= value <= 2 * native):
                 raise _unprocessable(field, f"{field}: {value} is not allowed (allowed: a multiple of {step} "
                                             f"in [{step}, {2 * native}])")
+        if req.steps is not None and req.steps > model.max_steps:
+            raise _unprocessable("steps", f"steps: {req.steps} is more than this model's scheduler allows "
+                                          f"(allowed: integer in [1, {model.max_steps}])")
         if req.negative_prompt is not None and any(eng.registry.get(a.name).single_eval for a in req.adapters):
             raise _unprocessable("negative_prompt", "negative_prompt: only in cfg mode; a guidance-distilled adapter "
                                                     "samples without the unconditional branch")

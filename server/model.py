@@ -65,6 +65,13 @@ class DiffusionModel:
         return self.unet.config.sample_size * self.latent_factor
 
     @property
+    def max_steps(self) -> int:
+        """Most sampling steps the scheduler config allows ("leading" spacing with an offset loses some)."""
+        c = self.scheduler_config
+        offset = c.get("steps_offset", 0) if c.get("timestep_spacing", "leading") == "leading" else 0
+        return c.get("num_train_timesteps", 1000) - offset
+
+    @property
     def size_step(self) -> int:
         """Image sizes must be multiples of this: the latent factor times the UNet's total downsampling."""
         return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)

@@ -197,3 +197,21 @@ def test_two_guidance_adapters_in_one_request_is_422(client, root, toy_model):
     assert _load(client, "g2", "g2").status_code == 201
     resp = client.post("/generate", json={"prompt": "x", "steps": 2, "adapters": [{"name": "guidance-toy"}, {"name": "g2"}]})
     assert resp.status_code == 422 and "at most one guidance-distilled adapter" in resp.json()["detail"][0]["message"]
+
+
+def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
+    from server.lora_layers import ServingLoRALinear
+    from server.registry import AdapterRegistry
+
+    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+    w0 = {n: p.data_ptr() for n, p in model.unet.named_parameters()}
+    registry = AdapterRegistry.of(model)
+    a = registry.load("a", root / "spare" / "style0")
+    b = registry.load("b", root / "spare" / "style1")
+    layer = next(n for n, m in model.unet.named_modules() if isinstance(m, ServingLoRALinear))
+    for chosen in (((a, 1.0),), ((b, 0.5),), ((a, 1.0),)):
+        batch = registry.batch([chosen, chosen])
+        lora_a, lora_b, scales = batch.layers[layer]
+        assert lora_a.data_ptr() == chosen[0][0].layers[layer][0].data_ptr()  # a view, not a copy
+        assert float(scales[0]) == chosen[0][1] * chosen[0][0].scale
+    assert {n.replace(".base.", "."): p.data_ptr() for n, p in model.unet.named_parameters()} == w0

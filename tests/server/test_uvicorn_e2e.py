@@ -55,3 +55,20 @@ def test_bad_request_then_good_request_over_http(server_url):
     assert bad.status_code == 422 and "[1, 1000]" in bad.json()["detail"][0]["message"]
     good = httpx.post(f"{server_url}/generate", json={"prompt": "", "steps": 2}, timeout=60)
     assert good.status_code == 200 and good.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cancelled_count(server_url) -> float:
+    text = httpx.get(f"{server_url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("distillery_request_latency_seconds_count") and 'outcome="cancelled"' in line)
+
+
+def test_client_that_goes_away_cancels_its_work(server_url):
+    before = _cancelled_count(server_url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server_url}/generate", json={"prompt": "a red circle", "steps": 1000}, timeout=0.5)
+    deadline = time.monotonic() + 30
+    while _cancelled_count(server_url) == before:  # a 1000-step image would take far longer than this
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+    ok = httpx.post(f"{server_url}/generate", json={"prompt": "x", "steps": 2}, timeout=60)
+    assert ok.status_code == 200
