@@ -1,7 +1,7 @@
 """Fused LoRA ops. Not Hugging Face's PyPI `kernels` package: tests/kernels/test_naming.py checks
 that transformers and diffusers never take this package for theirs."""
 
-from kernels.lora import check_lora_args, lora_linear_reference, segments_of
+from kernels.lora import check_lora_args, lora_apply, lora_linear_reference, segments_of
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=None):
@@ -9,4 +9,4 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=N
     return lora_linear_reference(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments)
 
 
-__all__ = ["check_lora_args", "lora_linear", "lora_linear_reference", "segments_of"]
+__all__ = ["check_lora_args", "lora_apply", "lora_linear", "lora_linear_reference", "segments_of"]

@@ -23,8 +23,7 @@ import torch
 def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> None:
     """ValueError naming the tensors and their shapes when they do not fit together."""
     k = x.shape[-1]
-    shapes = (f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a {tuple(lora_a.shape)}, "
-              f"lora_b {tuple(lora_b.shape)}, scales {tuple(scales.shape)}, row_adapter {tuple(row_adapter.shape)}")
+    shapes = _Shapes(x, weight, lora_a, lora_b, scales, row_adapter)
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be (N, K) with K = x.shape[-1]; got {shapes}")
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -49,17 +48,37 @@ def segments_of(row_adapter: torch.Tensor) -> list[tuple[int, torch.Tensor | Non
     return [(s, (row_adapter == s).nonzero().squeeze(1)) for s in slots if s >= 0]
 
 
+class _Shapes:
+    """Formats the tensors' shapes only when an error message needs them (this runs per layer call)."""
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+    def __str__(self) -> str:
+        names = ("x", "weight", "lora_a", "lora_b", "scales", "row_adapter")
+        return ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, self.tensors))
+
+
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                           lora_b: torch.Tensor, scales: torch.Tensor, row_adapter: torch.Tensor,
                           segments: list[tuple[int, torch.Tensor | None]] | None = None) -> torch.Tensor:
     """`segments` (from `segments_of(row_adapter)`) may be passed to skip recomputing them per layer."""
     check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter)
+    return lora_apply(x, weight, bias, lora_a, lora_b, scales,
+                      segments if segments is not None else segments_of(row_adapter))
+
+
+def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments) -> torch.Tensor:
+    """The reference's arithmetic without argument checks: the serving layers' hot path (their
+    shapes were checked when the adapter was loaded)."""
+    if len(segments) == 1 and segments[0][1] is None:  # one slot covers every row: 3 GEMMs, no indexing
+        s = segments[0][0]
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
+        y.addmm_(x2 @ lora_a[s].T, lora_b[s].T, alpha=float(scales[s]))  # + s (x A^T) B^T
+        return y.view(*x.shape[:-1], weight.shape[0])
     y = torch.nn.functional.linear(x, weight, bias)  # (M, [N,] N_out)
-    for s, rows in segments if segments is not None else segments_of(row_adapter):  # punica's SGMV, in torch
-        xs = x if rows is None else x.index_select(0, rows)
-        delta = (xs @ lora_a[s].T) @ lora_b[s].T  # (m, [N,] N_out), rank-R bottleneck
-        if rows is None:
-            y.add_(delta, alpha=float(scales[s]))
-        else:
-            y.index_add_(0, rows, delta, alpha=float(scales[s]))
+    for s, rows in segments:  # one segment per slot: punica's SGMV, in torch
+        delta = (x.index_select(0, rows) @ lora_a[s].T) @ lora_b[s].T  # (m, [N,] N_out), rank-R bottleneck
+        y.index_add_(0, rows, delta, alpha=float(scales[s]))
     return y

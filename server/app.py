@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.threads)
         model = DiffusionModel.from_pretrained(settings.model_path, settings.device, getattr(torch, settings.dtype))
         engine = Engine(model, settings.queue_size, settings.request_timeout_s, settings.max_batch_rows,
-                        settings.adapter_budget_bytes)
+                        settings.adapter_budget_bytes, settings.merged_cache_bytes)
         engine.load_adapters_from(settings.adapters_root)
         app.state.engine = engine
         await engine.start()

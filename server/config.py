@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     queue_size: int = 16  # requests waiting beyond this get 429
     max_batch_rows: int = 16  # UNet rows per batched step (a CFG request takes 2, a single-eval one 1)
     adapter_budget_bytes: int | None = None  # resident adapter bytes; least recently used evicted beyond it
+    merged_cache_bytes: int = 64 << 20  # merged W0 + BA per adapter set, used when one set covers a batch
     api_key: str | None = None  # when set, POST/DELETE /adapters need it in X-API-Key
     request_timeout_s: float = 120.0
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default

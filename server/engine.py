@@ -71,9 +71,10 @@ class _InFlight:
 
 class Engine:
     def __init__(self, model: DiffusionModel, queue_size: int = 16, timeout_s: float = 120.0, max_rows: int = 16,
-                 adapter_budget_bytes: int | None = None, metrics: Metrics | None = None):
+                 adapter_budget_bytes: int | None = None, merged_cache_bytes: int | None = None,
+                 metrics: Metrics | None = None):
         self.model = model
-        self.registry = AdapterRegistry.of(model, adapter_budget_bytes)
+        self.registry = AdapterRegistry.of(model, adapter_budget_bytes, merged_cache_bytes)
         self.metrics = metrics or Metrics()
         self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
         self.pending: deque[_InFlight] = deque()

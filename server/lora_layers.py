@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kernels import lora_linear
+from kernels import lora_apply
 
 
 @dataclass
@@ -25,6 +26,7 @@ class AdapterBatch:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # A, B, scales
     projections: list[torch.Tensor | None] = field(default_factory=list)  # per slot: (C, E) or None
     segments: list = field(default_factory=list)  # kernels.segments_of(row_slot), computed once per call
+    merged: dict[str, torch.Tensor] | None = None  # one set covers every row: W0 + sum s B A per layer
 
 
 class LoRAContext:
@@ -41,11 +43,14 @@ class ServingLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.current
+        if batch is not None and batch.merged is not None:
+            merged = batch.merged.get(self.name)
+            return self.base(x) if merged is None else F.linear(x, merged, self.base.bias)
         entry = batch.layers.get(self.name) if batch is not None else None
         if entry is None:
             return self.base(x)
         lora_a, lora_b, scales = entry
-        return lora_linear(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.row_slot, batch.segments)
+        return lora_apply(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.segments)
 
 
 class PerRowProjection(nn.Module):

@@ -93,17 +93,23 @@ class AdapterRegistry:
     """Use `AdapterRegistry.of(model)`: one registry per model, since its layers point at one context."""
 
     @classmethod
-    def of(cls, model: DiffusionModel, budget_bytes: int | None = None) -> "AdapterRegistry":
+    def of(cls, model: DiffusionModel, budget_bytes: int | None = None,
+           merged_budget_bytes: int | None = None) -> "AdapterRegistry":
         registry = model.__dict__.get("_adapter_registry")
         if registry is None:
-            registry = model.__dict__["_adapter_registry"] = cls(model, budget_bytes)
-        elif budget_bytes is not None:
+            registry = model.__dict__["_adapter_registry"] = cls(model)
+        if budget_bytes is not None:
             registry.budget_bytes = budget_bytes
+        if merged_budget_bytes is not None:
+            registry.merged_budget_bytes = merged_budget_bytes
         return registry
 
-    def __init__(self, model: DiffusionModel, budget_bytes: int | None = None):
+    def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int = 64 << 20):
         self.model = model
         self.budget_bytes = budget_bytes
+        self.merged_budget_bytes = merged_budget_bytes  # merged-weight cache; 0 disables merging
+        self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # composed per-call slots, by row pattern
+        self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # W0 + sum s B A, by adapter set
         self.context = LoRAContext()
         self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.known: dict[str, Path] = {}  # every registered adapter, resident or evicted
@@ -156,6 +162,7 @@ class AdapterRegistry:
                     break
                 del self.resident[victim]
                 self.evictions += 1
+                self._forget_compositions()
             if self.resident_bytes + adapter.nbytes > self.budget_bytes:
                 raise AdapterError(f"adapter {adapter.name!r} ({adapter.nbytes} bytes) does not fit the resident budget "
                                    f"of {self.budget_bytes} bytes next to the adapters in use")
@@ -179,6 +186,12 @@ class AdapterRegistry:
                 raise AdapterInUse(f"adapter {name!r} is in use by {self.in_use[name]} request(s); retry when they finish")
             self.resident.pop(name, None)
             del self.known[name]
+            self._forget_compositions()
+
+    def _forget_compositions(self) -> None:
+        """Cached slots and merged weights name adapters: drop them when any adapter leaves."""
+        self._batches.clear()
+        self._merged.clear()
 
     def acquire(self, chosen: AdapterSet) -> None:
         """Mark a request's adapters in use: neither evicted nor unloaded until `release`."""
@@ -190,7 +203,20 @@ class AdapterRegistry:
             self.in_use.subtract(a.name for a, _ in chosen)
 
     def batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
-        """Slots for one UNet call: a slot per distinct non-empty set, composed by rank concatenation."""
+        """Slots for one UNet call (cached by row pattern: steady batches and switches back cost a lookup)."""
+        pattern = tuple(tuple((a.name, w) for a, w in chosen) for chosen in row_sets)
+        with self._lock:
+            batch = self._batches.get(pattern)
+            if batch is None:
+                batch = self._batches[pattern] = self._build_batch(row_sets)
+                while len(self._batches) > 256:
+                    self._batches.popitem(last=False)
+            self._batches.move_to_end(pattern)
+            return batch
+
+    def _build_batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
+        """A slot per distinct non-empty set, composed by rank concatenation; when one set covers every
+        row, merged weights instead (no per-layer LoRA work) if they fit the merged-weight budget."""
         keys: dict[tuple, int] = {}
         slot_sets: list[AdapterSet] = []
         row_slot = []
@@ -205,10 +231,41 @@ class AdapterRegistry:
             row_slot.append(keys[key])
         rows = torch.tensor(row_slot, dtype=torch.long, device=self.model.device)
         batch = AdapterBatch(rows, segments=segments_of(rows))
+        batch.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in slot_sets]
+        if batch.segments == [(0, None)]:
+            batch.merged = self._merged_weights(slot_sets[0])
+            if batch.merged is not None:
+                return batch
         for layer in {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}:
             batch.layers[layer] = self._compose_layer(layer, slot_sets)
-        batch.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in slot_sets]
         return batch
+
+    def _merged_weights(self, chosen: AdapterSet) -> dict[str, torch.Tensor] | None:
+        """W0 + sum_i w_i s_i B_i A_i for every layer the set touches (W0 itself untouched), cached
+        within `merged_budget_bytes`; None when the set would not fit."""
+        key = tuple((a.name, w) for a, w in chosen)
+        if key in self._merged:
+            self._merged.move_to_end(key)
+            return self._merged[key]
+        unet = self.model.unet
+        layers = {layer for a, _ in chosen for layer in a.layers}
+        bases = {layer: unet.get_submodule(layer).base.weight for layer in layers}
+        need = sum(w.numel() * w.element_size() for w in bases.values())
+        if need > self.merged_budget_bytes:
+            return None
+        while self._merged and sum(t.numel() * t.element_size() for m in self._merged.values()
+                                   for t in m.values()) + need > self.merged_budget_bytes:
+            self._merged.popitem(last=False)
+        merged = {}
+        for layer, w0 in bases.items():
+            w = w0.clone()
+            for a, weight in chosen:
+                if layer in a.layers:
+                    lora_a, lora_b = a.layers[layer]
+                    w.addmm_(lora_b, lora_a, alpha=weight * a.scale)  # (N, r) @ (r, K)
+            merged[layer] = w
+        self._merged[key] = merged
+        return merged
 
     def _compose_layer(self, layer: str, slot_sets: list[AdapterSet]):
         """A (S, R, K), B (S, N, R), scales (S,): A = [A1; A2], B = [s1 B1, s2 B2], zero-padded to the largest R."""

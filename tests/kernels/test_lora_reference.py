@@ -18,8 +18,10 @@ def _case(m=7, k=12, n=10, s=3, r=4, tokens=None, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("tokens", [None, 5])
-def test_matches_per_row_loop(tokens):
-    x, weight, bias, a, b, scales, rows = _case(tokens=tokens)
+@pytest.mark.parametrize("rows", [[0, -1, 2, 2, 1, -1, 0], [1] * 7, [-1] * 7], ids=["mixed", "one-slot", "base"])
+def test_matches_per_row_loop(tokens, rows):
+    x, weight, bias, a, b, scales, _ = _case(tokens=tokens)
+    rows = torch.tensor(rows)
     y = lora_linear_reference(x, weight, bias, a, b, scales, rows)
     for i, s in enumerate(rows.tolist()):
         expect = x[i] @ weight.T + bias

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -205,7 +206,8 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
 
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
     w0 = {n: p.data_ptr() for n, p in model.unet.named_parameters()}
-    registry = AdapterRegistry.of(model)
+    w0_values = {n: p.clone() for n, p in model.unet.named_parameters()}
+    registry = AdapterRegistry.of(model, merged_budget_bytes=0)  # the unmerged path: per-row LoRA views
     a = registry.load("a", root / "spare" / "style0")
     b = registry.load("b", root / "spare" / "style1")
     layer = next(n for n, m in model.unet.named_modules() if isinstance(m, ServingLoRALinear))
@@ -214,4 +216,9 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
         lora_a, lora_b, scales = batch.layers[layer]
         assert lora_a.data_ptr() == chosen[0][0].layers[layer][0].data_ptr()  # a view, not a copy
         assert float(scales[0]) == chosen[0][1] * chosen[0][0].scale
+    registry.merged_budget_bytes = 64 << 20  # merged path: W0 + BA in new tensors, W0 itself untouched
+    merged = registry.batch([((a, 1.0),)]).merged
+    assert merged and all(w.data_ptr() not in w0.values() for w in merged.values())
     assert {n.replace(".base.", "."): p.data_ptr() for n, p in model.unet.named_parameters()} == w0
+    for n, p in model.unet.named_parameters():
+        assert torch.equal(p, w0_values[n.replace(".base.", ".")])
