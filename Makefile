@@ -8,7 +8,7 @@ PORT ?= 8000
 BENCH ?=
 QUICK ?=
 
-.PHONY: install serve test bench train-oracle train-toy clean
+.PHONY: install tools serve test bench train-oracle train-toy clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,12 @@ install: $(STAMP)
 serve: install
 	$(BIN)/distillery serve --host $(HOST) --port $(PORT)
 
-test: install
+# promtool and the Prometheus server (Debian's package) for the deployment tests.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq prometheus >/dev/null)
+
+test: install tools
 	$(BIN)/python -m pytest -q
 
 bench: install

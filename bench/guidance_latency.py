@@ -82,7 +82,8 @@ def _toy(quick: bool) -> dict:
 
 
 def _sd15(quick: bool) -> dict:
-    """Denoising loops on an SD-1.5-shaped UNet (quick: a narrow variant of the same layout)."""
+    """Denoising loops on an SD-1.5-shaped UNet (quick: a narrow variant of the same layout), with the
+    student's LoRA unmerged (per-row path) and merged (one set covers the batch, budget raised to fit)."""
     with tempfile.TemporaryDirectory() as tmp:
         model, adapter = sd15_with_adapter(Path(tmp), quick, kind="guidance", rank=64)
         latent = 8 if quick else 32
@@ -97,10 +98,17 @@ def _sd15(quick: bool) -> dict:
             while not sampler.done:
                 unet_step(model, registry, [request])
 
-        whole = interleaved_medians({"teacher": lambda: run_loop((), uncond),
-                                     "distilled": lambda: run_loop(((adapter, 1.0),), None)}, 1 if quick else 3)
-    return {"ratio_sd15": whole["distilled"] / whole["teacher"], "teacher_sd15_ms": whole["teacher"] * 1e3,
-            "distilled_sd15_ms": whole["distilled"] * 1e3}
+        out = {}
+        for path, budget in (("unmerged", 0), ("merged", 8 << 30)):
+            registry.merged_budget_bytes = budget
+            registry._forget_compositions()
+            whole = interleaved_medians({"teacher": lambda: run_loop((), uncond),
+                                         "distilled": lambda: run_loop(((adapter, 1.0),), None)}, 1 if quick else 3)
+            suffix = "" if path == "merged" else "_unmerged"
+            out[f"ratio_sd15{suffix}"] = whole["distilled"] / whole["teacher"]
+            out[f"distilled_sd15{suffix}_ms"] = whole["distilled"] * 1e3
+            out[f"teacher_sd15{suffix}_ms"] = whole["teacher"] * 1e3
+    return out
 
 
 def run(quick: bool = False) -> dict:

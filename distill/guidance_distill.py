@@ -147,6 +147,10 @@ def distill_guidance(cfg: GuidanceDistillConfig) -> Path:
                     ckpt.with_suffix(".tmp").replace(ckpt)
     bar.close()
     accelerator.wait_for_everyone()
+    # Every rank reports what it holds: under data parallelism the adapters must be identical.
+    trained = sum(float(p.detach().double().abs().sum()) for p in accelerator.unwrap_model(unet).parameters()
+                  if p.requires_grad)
+    print(f"rank {accelerator.process_index}/{accelerator.num_processes} trainable checksum {trained:.10e}", flush=True)
     out = Path(cfg.out)
     if accelerator.is_main_process:
         meta = AdapterMeta(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kernels import segments_of
 from server.adapters import AdapterError, AdapterMeta, read_adapter
@@ -142,7 +143,9 @@ class AdapterRegistry:
             except AttributeError:
                 raise AdapterError(f"{folder}: layer {layer!r} does not exist in the base UNet") from None
             base = getattr(base, "base", base)
-            if a.shape[0] != b.shape[1] or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+            if not isinstance(base, nn.Linear):
+                raise AdapterError(f"{folder}: layer {layer!r} is {type(base).__name__}; LoRA is served on Linear layers")
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise AdapterError(f"{folder}: layer {layer!r} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base "
                                    f"layer is ({base.out_features}, {base.in_features})")
             own = dict(device=unet.device, dtype=unet.dtype, copy=True)  # resident memory, not the mmap

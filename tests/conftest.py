@@ -1,5 +1,10 @@
 import os
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import torch
 
@@ -30,3 +35,36 @@ def random_toy_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("random_toy")
     pipe.save_pretrained(folder)
     return folder
+
+
+READY_WITHIN_S = 60  # the README promises an answer within a minute of `make serve`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def running_server():
+    """`distillery serve` (uvicorn, the embedded model) on a loopback port; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_WITHIN_S
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server not ready within {READY_WITHIN_S} s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

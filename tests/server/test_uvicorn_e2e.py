@@ -1,45 +1,17 @@
 """The real app under uvicorn on a loopback port, driven over a socket like a user would."""
 
 import io
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 from PIL import Image
 
-READY_WITHIN_S = 60  # the README promises an answer within a minute of `make serve`
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def server_url():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_WITHIN_S
-    try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready within 60 s"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+def server_url(running_server):
+    return running_server
 
 
 def test_generate_over_http(server_url):
