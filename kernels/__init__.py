@@ -1,12 +1,38 @@
-"""Fused LoRA ops. Not Hugging Face's PyPI `kernels` package: tests/kernels/test_naming.py checks
-that transformers and diffusers never take this package for theirs."""
+"""Fused LoRA ops: one function per op, a Triton kernel and a torch reference with the same
+signature. Not Hugging Face's PyPI `kernels` package: tests/kernels/test_naming.py checks that
+transformers and diffusers never take this package for theirs.
+
+Dispatch: Triton on CUDA, the torch reference elsewhere; DISTILLERY_LORA_BACKEND=triton|torch
+forces one (triton on CPU needs TRITON_INTERPRET=1 set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
 
 from kernels.lora import check_lora_args, lora_apply, lora_linear_reference, segments_of
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=None):
-    """The per-row LoRA linear (semantics in kernels/lora.py). CPU: the torch reference."""
-    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments)
+def backend(device) -> str:
+    forced = os.environ.get("DISTILLERY_LORA_BACKEND", "auto")
+    if forced in ("triton", "torch"):
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
 
 
-__all__ = ["check_lora_args", "lora_apply", "lora_linear", "lora_linear_reference", "segments_of"]
+def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=None, check=True):
+    """y = x W0^T + bias + per-row s (x A^T) B^T (semantics and shapes in kernels/lora.py).
+
+    `segments` (kernels.segments_of(row_adapter)) and check=False are for callers that did both once.
+    """
+    if backend(x.device) == "triton":
+        from kernels.lora_triton import lora_linear_triton  # imports triton: only when it is used
+
+        return lora_linear_triton(x, weight, bias, lora_a, lora_b, scales, row_adapter)
+    if check:
+        check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter)
+    return lora_apply(x, weight, bias, lora_a, lora_b, scales,
+                      segments if segments is not None else segments_of(row_adapter))
+
+
+__all__ = ["backend", "check_lora_args", "lora_apply", "lora_linear", "lora_linear_reference", "segments_of"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import lora_apply
+from kernels import lora_linear
 
 
 @dataclass
@@ -50,7 +50,8 @@ class ServingLoRALinear(nn.Module):
         if entry is None:
             return self.base(x)
         lora_a, lora_b, scales = entry
-        return lora_apply(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.segments)
+        return lora_linear(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.row_slot,
+                           segments=batch.segments, check=False)
 
 
 class PerRowProjection(nn.Module):

@@ -4,9 +4,15 @@ import subprocess
 import sys
 import time
 
-import httpx
-import pytest
-import torch
+from pathlib import Path
+
+# Triton runs on CPU only in its interpreter, which must be chosen before anything imports triton.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("DISTILLERY_TEST_THREADS", "2")))
 

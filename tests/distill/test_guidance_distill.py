@@ -95,8 +95,12 @@ def test_server_loads_adapter_and_samples_one_evaluation_per_step(trained_adapte
     assert again.images[0].tobytes() == cfg.images[0].tobytes()
 
 
-def test_served_adapter_equals_the_peft_student_it_was_trained_as(trained_adapter, random_toy_folder):
-    """The serving path (own LoRA layers + per-row w projection) computes what peft computed in training."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_served_adapter_equals_the_peft_student_it_was_trained_as(trained_adapter, random_toy_folder, backend,
+                                                                  monkeypatch):
+    """The serving path (own LoRA layers + per-row w projection; merged weights, the per-row torch
+    reference, or the Triton kernel in its interpreter) computes what peft computed in training."""
+    monkeypatch.setenv("DISTILLERY_LORA_BACKEND", backend)
 
     meta = json.loads((trained_adapter / "adapter.json").read_text())
     peft_model = DiffusionModel.from_pretrained(random_toy_folder)
@@ -106,7 +110,7 @@ def test_served_adapter_equals_the_peft_student_it_was_trained_as(trained_adapte
     proj.weight.data = load_file(str(trained_adapter / "guidance_projection.safetensors"))["weight"]
     peft_model.unet.time_embedding.cond_proj = proj
     served = DiffusionModel.from_pretrained(random_toy_folder)
-    registry = AdapterRegistry.of(served)
+    registry = AdapterRegistry.of(served, merged_budget_bytes=0 if backend == "triton" else None)
     adapter = registry.load("g", trained_adapter)
     x, t, cond = _inputs(served)
     w = torch.tensor([3.0, 0.5])
