@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "distill_memory", "swap", "throughput",
-              "http_overhead"]
+              "http_overhead", "lora_overhead", "lora_kernel_gpu"]
 RESULTS = Path(".bench/results.json")
 
 

@@ -1,0 +1,58 @@
+"""lora_overhead: one UNet evaluation with a LoRA set vs the base, on the CPU path.
+
+Three configurations of the same UNet call, interleaved: base (no adapter), LoRA unmerged
+(the per-row torch reference, as rows of different adapters need), LoRA merged (one set covers
+the call and its merged weights fit the cache: the serving default for the toy; an SD-1.5 set
+at rank 64 needs ~1.2 GB, above the default 64 MiB cache, so it is measured with the budget
+raised). 2 rows (a CFG request with a style adapter). SD15: random weights, rank 64, 64x64 latent.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distill.synthetic_adapters import write_random_adapter
+from server.guidance import guidance_embedding
+from server.registry import AdapterRegistry
+
+from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
+
+
+def _ratios(model, adapter, latent: int, tokens: int, rounds: int) -> dict[str, float]:
+    registry = AdapterRegistry.of(model)
+    unet = model.unet
+    x = torch.randn(2, unet.config.in_channels, latent, latent)
+    text = torch.randn(2, tokens, unet.config.cross_attention_dim)
+    t, w = torch.tensor([500, 500]), guidance_embedding(torch.zeros(2))
+    chosen = ((adapter, 1.0),)
+    batches = {"base": None}
+    for path, budget in (("unmerged", 0), ("merged", 16 << 30)):  # each composed once, outside the timing
+        registry.merged_budget_bytes = budget
+        batches[path] = registry._build_batch([chosen, chosen])
+    assert batches["merged"].merged and not batches["unmerged"].merged
+
+    def call(path):
+        registry.context.current = batches[path]
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=text, timestep_cond=w)
+        registry.context.current = None
+
+    times = interleaved_medians({p: (lambda p=p: call(p)) for p in batches}, rounds)
+    return {"unmerged": times["unmerged"] / times["base"], "merged": times["merged"] / times["base"],
+            "base_ms": times["base"] * 1e3}
+
+
+def run(quick: bool = False) -> dict:
+    model, _ = toy_with_guidance_adapter()
+    with tempfile.TemporaryDirectory() as tmp:
+        style = AdapterRegistry.of(model).load("style", write_random_adapter(
+            Path(tmp) / "style", model.unet, model.fingerprint, rank=16))
+        toy = _ratios(model, style, 16, model.tokenizer.model_max_length, 5 if quick else 40)
+        sd_model, sd_style = sd15_with_adapter(Path(tmp), quick, kind="style", rank=64)
+        sd = _ratios(sd_model, sd_style, 8 if quick else 64, 77, 1 if quick else 3)
+    return {"ratio_toy": toy["merged"], "ratio_toy_unmerged": toy["unmerged"],
+            "ratio_sd15": sd["merged"], "ratio_sd15_unmerged": sd["unmerged"],
+            "base_toy_ms": toy["base_ms"], "base_sd15_ms": sd["base_ms"]}
