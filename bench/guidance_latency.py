@@ -101,7 +101,6 @@ def _sd15(quick: bool) -> dict:
         out = {}
         for path, budget in (("unmerged", 0), ("merged", 8 << 30)):
             registry.merged_budget_bytes = budget
-            registry._forget_compositions()
             whole = interleaved_medians({"teacher": lambda: run_loop((), uncond),
                                          "distilled": lambda: run_loop(((adapter, 1.0),), None)}, 1 if quick else 3)
             suffix = "" if path == "merged" else "_unmerged"

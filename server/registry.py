@@ -108,9 +108,9 @@ class AdapterRegistry:
     def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int = 64 << 20):
         self.model = model
         self.budget_bytes = budget_bytes
-        self.merged_budget_bytes = merged_budget_bytes  # merged-weight cache; 0 disables merging
         self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # composed per-call slots, by row pattern
         self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # W0 + sum s B A, by adapter set
+        self.merged_budget_bytes = merged_budget_bytes  # merged-weight cache; 0 disables merging
         self.context = LoRAContext()
         self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.known: dict[str, Path] = {}  # every registered adapter, resident or evicted
@@ -118,6 +118,15 @@ class AdapterRegistry:
         self.loads = self.evictions = 0
         self._lock = threading.RLock()
         install_serving_layers(model.unet, set(), self.context)
+
+    @property
+    def merged_budget_bytes(self) -> int:
+        return self._merged_budget_bytes
+
+    @merged_budget_bytes.setter
+    def merged_budget_bytes(self, value: int) -> None:
+        self._merged_budget_bytes = value
+        self._forget_compositions()  # cached slots were composed under the old budget
 
     @property
     def resident_bytes(self) -> int:
