@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +72,16 @@ def _step(config: str, scale: str, quick: bool) -> int:
         loss = torch.nn.functional.mse_loss(eps, target)
     loss.backward()
     opt.step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _peak_rss_bytes()
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM: this process's own peak RSS. (getrusage's ru_maxrss would carry the parent's peak
+    across fork + exec on Linux.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _measure(config: str, scale: str, quick: bool) -> int:

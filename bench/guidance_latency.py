@@ -99,6 +99,16 @@ def _sd15(quick: bool) -> dict:
                 unet_step(model, registry, [request])
 
         out = {}
+        x1, x2 = torch.randn(1, 4, latent, latent), torch.randn(2, 4, latent, latent)
+        t = torch.tensor(500)
+
+        def base_call(x, text):
+            with torch.no_grad():
+                model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.zeros(len(x))))
+
+        parts = interleaved_medians({"b1": lambda: base_call(x1, cond), "b2": lambda: base_call(x2, torch.cat([cond, uncond]))},
+                                    1 if quick else 3)
+        out["limit_sd15"] = parts["b1"] / parts["b2"]  # denoising only: W0 batch 1 over W0 batch 2
         for path, budget in (("unmerged", 0), ("merged", 8 << 30)):
             registry.merged_budget_bytes = budget
             whole = interleaved_medians({"teacher": lambda: run_loop((), uncond),
