@@ -41,6 +41,14 @@ class ServingLoRALinear(nn.Module):
         super().__init__()
         self.base, self.name, self.context = base, name, context
 
+    @property
+    def in_features(self) -> int:  # code that reads a Linear's shape keeps working on the wrapper
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.current
         if batch is not None and batch.merged is not None:

@@ -222,3 +222,14 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
     assert {n.replace(".base.", "."): p.data_ptr() for n, p in model.unet.named_parameters()} == w0
     for n, p in model.unet.named_parameters():
         assert torch.equal(p, w0_values[n.replace(".base.", ".")])
+
+
+def test_loading_twice_when_the_timestep_embedding_itself_is_adapted(toy_model):
+    """The shipped adapter wraps time_embedding.linear_1; a second load must still read its shape."""
+    from server.registry import AdapterRegistry
+
+    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+    registry = AdapterRegistry.of(model)
+    registry.load("one", EMBEDDED_ADAPTERS / "guidance-toy")
+    registry.load("two", EMBEDDED_ADAPTERS / "guidance-toy")
+    assert model.unet.time_embedding.linear_1.in_features == 32
