@@ -87,7 +87,9 @@ def distillation_step(student, unet, latents: torch.Tensor, cond: torch.Tensor, 
 
 
 def distill_guidance(cfg: GuidanceDistillConfig) -> Path:
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    # cpu=True without CUDA: under torchrun that makes accelerate use MULTI_CPU (gloo) data parallelism
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
     base_fingerprint = model.fingerprint
