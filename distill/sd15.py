@@ -6,6 +6,7 @@ parameters); weights are random, which is all a benchmark of time or memory need
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ def save_sd15_folder(folder: Path, tokenizer, dtype: torch.dtype = torch.float16
     sd15_unet().to(dtype).save_pretrained(folder / "unet")
     sd15_vae().to(dtype).save_pretrained(folder / "vae")
     sd15_text_encoder().to(dtype).save_pretrained(folder / "text_encoder")
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's stays as it is
     tokenizer.model_max_length = 77
     tokenizer.save_pretrained(folder / "tokenizer")
     sd15_scheduler().save_pretrained(folder / "scheduler")
