@@ -8,46 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 
 from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from server.engine import Engine, Job
+from server.launch import serve_subprocess
 from server.model import DiffusionModel
 
 from bench.common import interleaved_medians
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(quick: bool = False) -> dict:
     steps, rounds = (3, 3) if quick else (25, 15)
     body = {"prompt": "a small blue triangle", "guidance": 2.0, "steps": steps, "seed": 3,
             "adapters": [{"name": "guidance-toy"}]}
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     loop = asyncio.new_event_loop()
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.2)
+    with serve_subprocess(ready_within_s=120) as url:
         engine = Engine(DiffusionModel.from_pretrained(EMBEDDED_MODEL))
         engine.load_adapters_from(EMBEDDED_ADAPTERS)
         loop.run_until_complete(engine.start())
@@ -63,9 +40,6 @@ def run(quick: bool = False) -> dict:
             result.image.save(io.BytesIO(), format="PNG")
 
         times = interleaved_medians({"http": over_http, "in_process": in_process}, rounds, warmup=2)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        loop.close()
+    loop.close()
     return {"ratio": times["http"] / times["in_process"], "http_ms": times["http"] * 1e3,
             "in_process_ms": times["in_process"] * 1e3}

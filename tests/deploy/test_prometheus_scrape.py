@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from server.launch import free_port
 
 
 @pytest.fixture
