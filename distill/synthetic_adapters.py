@@ -24,10 +24,13 @@ def write_random_adapter(folder: Path, unet, base_fingerprint: str, kind: str = 
     g = torch.Generator().manual_seed(seed)
     lora = {}
     for name, module in unet.named_modules():
-        module = getattr(module, "base", module)  # a layer already wrapped for serving keeps its Linear as .base
-        if isinstance(module, nn.Linear) and any(name.endswith(t) for t in targets):
-            lora[f"unet.{name}.lora.down.weight"] = torch.randn(rank, module.in_features, generator=g) * std
-            lora[f"unet.{name}.lora.up.weight"] = torch.randn(module.out_features, rank, generator=g) * std
+        module = getattr(module, "base", module)  # a layer already wrapped for serving keeps its own as .base
+        if not any(name.endswith(t) for t in targets) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        out_features, *in_shape = module.weight.shape  # peft's layouts: A (r, K) or a conv (r, C, k, k)
+        up_shape = (out_features, rank) if isinstance(module, nn.Linear) else (out_features, rank, 1, 1)
+        lora[f"unet.{name}.lora.down.weight"] = torch.randn(rank, *in_shape, generator=g) * std
+        lora[f"unet.{name}.lora.up.weight"] = torch.randn(*up_shape, generator=g) * std
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(lora, str(folder / LORA_FILE))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from kernels.lora import check_lora_args, lora_apply, lora_linear_reference, segments_of
+from kernels.lora import check_lora_args, lora_apply, lora_conv2d_reference, lora_linear_reference, segments_of
 
 
 def backend(device) -> str:
@@ -20,10 +20,11 @@ def backend(device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=None, check=True):
+def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=None, check=True, ranks=None):
     """y = x W0^T + bias + per-row s (x A^T) B^T (semantics and shapes in kernels/lora.py).
 
-    `segments` (kernels.segments_of(row_adapter)) and check=False are for callers that did both once.
+    `segments` (kernels.segments_of(row_adapter)) and check=False are for callers that did both once;
+    `ranks` (each slot's rank within the zero-padded R) keeps the torch path batch-invariant.
     """
     if backend(x.device) == "triton":
         from kernels.lora_triton import lora_linear_triton  # imports triton: only when it is used
@@ -32,7 +33,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=N
     if check:
         check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter)
     return lora_apply(x, weight, bias, lora_a, lora_b, scales,
-                      segments if segments is not None else segments_of(row_adapter))
+                      segments if segments is not None else segments_of(row_adapter), ranks)
 
 
-__all__ = ["backend", "check_lora_args", "lora_apply", "lora_linear", "lora_linear_reference", "segments_of"]
+__all__ = ["backend", "check_lora_args", "lora_apply", "lora_conv2d_reference", "lora_linear", "lora_linear_reference",
+           "segments_of"]

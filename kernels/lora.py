@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import batch_invariant
+
 
 def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> None:
     """ValueError naming the tensors and their shapes when they do not fit together."""
@@ -68,17 +70,54 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                       segments if segments is not None else segments_of(row_adapter))
 
 
-def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments) -> torch.Tensor:
+def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) -> torch.Tensor:
     """The reference's arithmetic without argument checks: the serving layers' hot path (their
-    shapes were checked when the adapter was loaded)."""
-    if len(segments) == 1 and segments[0][1] is None:  # one slot covers every row: 3 GEMMs, no indexing
-        s = segments[0][0]
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
-        y.addmm_(x2 @ lora_a[s].T, lora_b[s].T, alpha=float(scales[s]))  # + s (x A^T) B^T
-        return y.view(*x.shape[:-1], weight.shape[0])
-    y = torch.nn.functional.linear(x, weight, bias)  # (M, [N,] N_out)
+    shapes were checked when the adapter was loaded).
+
+    Batch-invariant: a row's result is the same whatever else the call holds (kernels/batch_invariant.py):
+    every GEMM is row-invariant, and the LoRA term is formed apart and added with one rounding,
+    the same whether its slot covers every row or a few. `ranks` (per slot) skips the zero padding
+    of composed slots, whose length depends on the other slots (it changes small GEMMs' rounding).
+    """
+    y = batch_invariant.linear(x, weight, bias)  # (M, [N,] N_out)
     for s, rows in segments:  # one segment per slot: punica's SGMV, in torch
-        delta = (x.index_select(0, rows) @ lora_a[s].T) @ lora_b[s].T  # (m, [N,] N_out), rank-R bottleneck
-        y.index_add_(0, rows, delta, alpha=float(scales[s]))
+        r = ranks[s] if ranks is not None else lora_a.shape[1]
+        if r == 0:  # this slot's set does not touch the layer
+            continue
+        xs = x if rows is None else x.index_select(0, rows)
+        delta = batch_invariant.linear(batch_invariant.linear(xs, lora_a[s, :r]), lora_b[s, :, :r])  # rank-r bottleneck
+        scale = float(scales[s])
+        if scale != 1.0:
+            delta.mul_(scale)
+        if rows is None:
+            y.add_(delta)
+        else:
+            y.index_add_(0, rows, delta)
+    return y
+
+
+def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None, stride=1, padding=0,
+                          dilation=1) -> torch.Tensor:
+    """LoRA on a k x k convolution (peft's layout: A a k x k conv to R channels, B a 1 x 1 conv back),
+    per-row slots like `lora_apply`. Torch only: the Triton kernel covers linear and 1 x 1 layers.
+
+    x (n, C, H, W); weight (N_out, C, k, k); lora_a (S, R, C, k, k); lora_b (S, N_out, R); scales (S,).
+    """
+    y = batch_invariant.conv2d(x, weight, bias, stride, padding, dilation)
+    for s, rows in segments:
+        r = ranks[s] if ranks is not None else lora_a.shape[1]
+        if r == 0:
+            continue
+        xs = x if rows is None else x.index_select(0, rows)
+        h = batch_invariant.conv2d(xs, lora_a[s, :r], None, stride, padding, dilation)  # (m, r, H', W')
+        m, _, hh, ww = h.shape
+        delta = batch_invariant.linear(h.permute(0, 2, 3, 1).reshape(m, hh * ww, r), lora_b[s, :, :r])  # B: a 1 x 1 conv
+        delta = delta.view(m, hh, ww, -1).permute(0, 3, 1, 2)
+        scale = float(scales[s])
+        if scale != 1.0:
+            delta = delta * scale
+        if rows is None:
+            y.add_(delta)
+        else:
+            y.index_add_(0, rows, delta.contiguous())
     return y

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -120,14 +119,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 return Response(status_code=499)
         result = task.result()
-        buf = io.BytesIO()
-        result.image.save(buf, format="PNG")
+        png = result.png
         info = {"seed": job.seed, "guidance": job.guidance, "steps": job.steps, "mode": result.mode,
                 "unet_evaluations": result.unet_evaluations, "adapters": [list(a) for a in job.adapters],
                 "latency_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
                 "peak_memory": result.peak_memory}
         if req.response_format == "json":
-            return JSONResponse({"image_png_base64": base64.b64encode(buf.getvalue()).decode(), "info": info})
+            return JSONResponse({"image_png_base64": base64.b64encode(png).decode(), "info": info})
         headers = {"X-Seed": str(job.seed), "X-Guidance": str(job.guidance), "X-Steps": str(job.steps),
                    "X-Mode": result.mode, "X-UNet-Evaluations": str(result.unet_evaluations),
                    "X-Adapters": ",".join(n for n, _ in job.adapters),
@@ -135,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    "X-Peak-Memory-Kind": result.peak_memory["kind"],
                    **{f"X-Latency-{k.replace('_', '-')}-Ms": f"{v:.2f}" for k, v in result.timings_ms.items()},
                    "X-Info": json.dumps(info, separators=(",", ":"))}
-        return Response(buf.getvalue(), media_type="image/png", headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/adapters")
     async def list_adapters(eng: Engine = Depends(engine)) -> dict:

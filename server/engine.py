@@ -10,6 +10,7 @@ A request whose client went away or timed out is dropped at the next step.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections import deque
@@ -51,6 +52,12 @@ class Result:
     unet_evaluations: int
     timings_ms: dict[str, float]
     peak_memory: dict[str, float]
+
+    @property
+    def png(self) -> bytes:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
 
 
 @dataclass

@@ -90,6 +90,24 @@ def _parse_lora(lora: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[
     return {layer: (p["A"], p["B"]) for layer, p in pairs.items()}
 
 
+def _fit(folder: Path, layer: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor):
+    """A LoRA pair checked against its base layer, in owned memory: A (r, K) and B (N, r) for a Linear
+    or a 1 x 1 conv, A (r, C, k, k) and B (N, r) for a k x k conv (peft's conv layout)."""
+    if isinstance(base, nn.Linear):
+        want_a, want_b = (base.in_features,), (base.out_features,)
+    else:  # nn.Conv2d
+        out_ch, in_ch, kh, kw = base.weight.shape
+        want_a, want_b = (in_ch, kh, kw), (out_ch, 1, 1)
+    if a.shape[1:] != want_a or b.shape[0] != want_b[0] or b.shape[2:] != want_b[1:] or a.shape[0] != b.shape[1]:
+        raise AdapterError(f"{folder}: layer {layer!r} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base "
+                           f"layer's weight is {tuple(base.weight.shape)}")
+    if a.dim() == 4 and a.shape[2:] == (1, 1):
+        a = a.flatten(1)  # a 1 x 1 conv is linear over channels
+    b = b.flatten(1)
+    own = dict(device=base.weight.device, dtype=base.weight.dtype, copy=True)  # resident memory, not the mmap
+    return a.to(**own).contiguous(), b.to(**own).contiguous()
+
+
 class AdapterRegistry:
     """Use `AdapterRegistry.of(model)`: one registry per model, since its layers point at one context."""
 
@@ -105,19 +123,21 @@ class AdapterRegistry:
             registry.merged_budget_bytes = merged_budget_bytes
         return registry
 
-    def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int = 64 << 20):
+    def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int = 0):
         self.model = model
         self.budget_bytes = budget_bytes
         self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # composed per-call slots, by row pattern
         self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # W0 + sum s B A, by adapter set
-        self.merged_budget_bytes = merged_budget_bytes  # merged-weight cache; 0 disables merging
+        # Merged weights (W0 + BA per set, used when one set covers a call) are faster but round
+        # differently from the per-row path, so a request's bytes would depend on its batch: opt-in.
+        self.merged_budget_bytes = merged_budget_bytes
         self.context = LoRAContext()
         self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.known: dict[str, Path] = {}  # every registered adapter, resident or evicted
         self.in_use: Counter[str] = Counter()
         self.loads = self.evictions = 0
         self._lock = threading.RLock()
-        install_serving_layers(model.unet, set(), self.context)
+        install_serving_layers(model.unet, self.context)
 
     @property
     def merged_budget_bytes(self) -> int:
@@ -151,19 +171,14 @@ class AdapterRegistry:
                 base = unet.get_submodule(layer)
             except AttributeError:
                 raise AdapterError(f"{folder}: layer {layer!r} does not exist in the base UNet") from None
-            base = getattr(base, "base", base)
-            if not isinstance(base, nn.Linear):
-                raise AdapterError(f"{folder}: layer {layer!r} is {type(base).__name__}; LoRA is served on Linear layers")
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-                raise AdapterError(f"{folder}: layer {layer!r} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base "
-                                   f"layer is ({base.out_features}, {base.in_features})")
-            own = dict(device=unet.device, dtype=unet.dtype, copy=True)  # resident memory, not the mmap
-            layers[layer] = (a.to(**own).contiguous(), b.to(**own).contiguous())
+            if not hasattr(base, "base"):  # every Linear and zero-padded ungrouped Conv2d is a serving layer
+                raise AdapterError(f"{folder}: layer {layer!r} is {type(base).__name__}; LoRA is served on Linear "
+                                   f"and zero-padded ungrouped Conv2d layers")
+            layers[layer] = _fit(folder, layer, base.base, a, b)
         proj = files.projection.to(device=unet.device, dtype=unet.dtype, copy=True) if files.projection is not None else None
         if proj is not None and proj.shape[0] != unet.time_embedding.linear_1.in_features:
             raise AdapterError(f"{folder}: w projection has {proj.shape[0]} outputs; the UNet's timestep embedding "
                                f"takes {unet.time_embedding.linear_1.in_features}")
-        install_serving_layers(unet, set(layers), self.context)
         self.loads += 1
         return LoadedAdapter(name, folder, files.meta, layers, proj)
 
@@ -274,29 +289,32 @@ class AdapterRegistry:
             for a, weight in chosen:
                 if layer in a.layers:
                     lora_a, lora_b = a.layers[layer]
-                    w.addmm_(lora_b, lora_a, alpha=weight * a.scale)  # (N, r) @ (r, K)
+                    w.view(w.shape[0], -1).addmm_(lora_b, lora_a.reshape(lora_a.shape[0], -1), alpha=weight * a.scale)
             merged[layer] = w
         self._merged[key] = merged
         return merged
 
     def _compose_layer(self, layer: str, slot_sets: list[AdapterSet]):
-        """A (S, R, K), B (S, N, R), scales (S,): A = [A1; A2], B = [s1 B1, s2 B2], zero-padded to the largest R."""
+        """A (S, R, K) (or (S, R, C, k, k) for a k x k conv), B (S, N, R), scales (S,): A = [A1; A2], B = [s1 B1, s2 B2],
+        zero-padded to the largest R, and each slot's own rank. Scales are always folded into B (scales = 1),
+        and the torch path multiplies each slot at its own rank: a set's rows then round the same whether
+        its slot is alone in the call or beside others."""
         parts = [[(a.layers[layer], w * a.scale) for a, w in chosen if layer in a.layers] for chosen in slot_sets]
-        if len(parts) == 1 and len(parts[0]) == 1:  # one slot, one adapter: views, no copy
-            (a, b), scale = parts[0][0]
-            return a[None], b[None], torch.tensor([scale])
-        base = self.model.unet.get_submodule(layer).base
+        if len(parts) == 1 and len(parts[0]) == 1 and parts[0][0][1] == 1.0:  # one adapter at scale 1: views, no copy
+            (a, b), _ = parts[0][0]
+            return a[None], b[None], torch.ones(1), (a.shape[0],)
+        a0, b0 = next(ab for p in parts for ab, _ in p)
         ranks = [sum(ab[0].shape[0] for ab, _ in p) for p in parts]
         r_max = max(ranks) or 1
-        lora_a = base.weight.new_zeros(len(parts), r_max, base.in_features)
-        lora_b = base.weight.new_zeros(len(parts), base.out_features, r_max)
+        lora_a = a0.new_zeros(len(parts), r_max, *a0.shape[1:])
+        lora_b = b0.new_zeros(len(parts), b0.shape[0], r_max)
         for s, p in enumerate(parts):
             r0 = 0
             for (a, b), scale in p:
                 lora_a[s, r0:r0 + a.shape[0]] = a
                 lora_b[s, :, r0:r0 + a.shape[0]] = b * scale
                 r0 += a.shape[0]
-        return lora_a, lora_b, torch.ones(len(parts))
+        return lora_a, lora_b, torch.ones(len(parts)), tuple(ranks)
 
     @contextmanager
     def active(self, row_sets: list[AdapterSet]):

@@ -118,32 +118,29 @@ def test_metrics_are_exposed(client):
 
 
 def test_same_request_same_image_whatever_shares_its_batch(toy_model):
-    """Step-level batching: rows of other requests (other t, w, adapters) do not change an image.
-
-    Not bit-exact on CPU: oneDNN picks batch-size-dependent convolution algorithms (~1e-6 apart),
-    which can flip a rare 8-bit pixel value by one level. Asserted here: at most one level anywhere.
-    """
+    """Step-level batching: rows of other requests (other t, w, adapters, schedulers) leave a
+    request's PNG bytes exactly as they are when it runs alone."""
 
     async def scenario():
         engine = Engine(toy_model, queue_size=16, max_rows=16)
         engine.load_adapters_from(EMBEDDED_ADAPTERS)
         await engine.start()
-        probe = Job(prompt="a small red circle", guidance=2.0, steps=6, seed=7)
-        alone = await engine.submit(probe)
+        probes = [Job(prompt="a small red circle", guidance=2.0, steps=6, seed=7),
+                  Job(prompt="a blue square", guidance=1.5, steps=5, seed=11, adapters=(("guidance-toy", 1.0),))]
+        alone = [await engine.submit(p) for p in probes]
         others = [Job(prompt="a cyan cross", guidance=1.0, steps=9, seed=1),
                   Job(prompt="a green square", guidance=3.0, steps=4, seed=2, adapters=(("guidance-toy", 1.0),)),
                   Job(prompt="", guidance=0.0, steps=6, seed=3, scheduler="euler")]
-        crowd = await asyncio.gather(*(engine.submit(j) for j in others), engine.submit(probe))
+        crowd = await asyncio.gather(*(engine.submit(j) for j in others), *(engine.submit(p) for p in probes))
         rows = engine.metrics.batch_rows.collect()[0].samples
         await engine.stop()
-        return alone, crowd, rows
+        return alone, crowd[len(others):], crowd, rows
 
-    alone, crowd, rows = asyncio.run(scenario())
-    a = np.asarray(alone.image, dtype=int)
-    b = np.asarray(crowd[-1].image, dtype=int)
-    assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
+    alone, probed, crowd, rows = asyncio.run(scenario())
+    for solo, shared in zip(alone, probed):
+        assert solo.png == shared.png
     batched = max(s.value for s in rows if s.name.endswith("_sum"))
-    assert batched > 2 * 6  # the probe's CFG rows really shared calls with others
+    assert batched > 2 * 6 + 5  # the probes' rows really shared calls with others
     assert crowd[1].mode == "single-eval" and crowd[1].unet_evaluations == 4
 
 
@@ -201,7 +198,6 @@ def test_two_guidance_adapters_in_one_request_is_422(client, root, toy_model):
 
 
 def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
-    from server.lora_layers import ServingLoRALinear
     from server.registry import AdapterRegistry
 
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
@@ -210,12 +206,18 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
     registry = AdapterRegistry.of(model, merged_budget_bytes=0)  # the unmerged path: per-row LoRA views
     a = registry.load("a", root / "spare" / "style0")
     b = registry.load("b", root / "spare" / "style1")
-    layer = next(n for n, m in model.unet.named_modules() if isinstance(m, ServingLoRALinear))
-    for chosen in (((a, 1.0),), ((b, 0.5),), ((a, 1.0),)):
+    layer = next(iter(a.layers))
+    for chosen in (((a, 1.0),), ((b, 1.0),), ((a, 1.0),)):
         batch = registry.batch([chosen, chosen])
-        lora_a, lora_b, scales = batch.layers[layer]
+        lora_a, lora_b, scales, _ = batch.layers[layer]
         assert lora_a.data_ptr() == chosen[0][0].layers[layer][0].data_ptr()  # a view, not a copy
-        assert float(scales[0]) == chosen[0][1] * chosen[0][0].scale
+        assert lora_b.data_ptr() == chosen[0][0].layers[layer][1].data_ptr() and float(scales[0]) == 1.0
+    weighted = ((b, 0.5),)  # the weight is folded into B once; switching back finds that composition
+    first = registry.batch([weighted]).layers[layer]
+    registry.batch([((a, 1.0),)])
+    again = registry.batch([weighted]).layers[layer]
+    assert again[1].data_ptr() == first[1].data_ptr()
+    torch.testing.assert_close(first[1][0], b.layers[layer][1] * 0.5 * b.scale)
     registry.merged_budget_bytes = 64 << 20  # merged path: W0 + BA in new tensors, W0 itself untouched
     merged = registry.batch([((a, 1.0),)]).merged
     assert merged and all(w.data_ptr() not in w0.values() for w in merged.values())

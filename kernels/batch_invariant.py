@@ -1,0 +1,46 @@
+"""Linear and convolution whose per-row results do not depend on the rest of the batch.
+
+Step-level batching puts rows of unrelated requests into one UNet call; a request's image must
+come out bit-identical whatever shares its call. Stock CPU kernels break that in two places,
+measured on this project's CPU (tests/kernels/test_batch_invariant.py checks both):
+  - GEMM with few rows (the timestep-embedding layers see one row per image): MKL's path for
+    x (M, K) @ W^T depends on M, so row 0 of M = 3 differs from M = 1 in the last bits. A
+    batched GEMM with one row per batch entry computes every row with the same M = 1 call.
+    Token-level layers (M = images x tokens, >= 16 per image) come out the same for every M.
+  - convolution: for one image ATen takes its own slow_conv2d path, for several it calls
+    oneDNN, and the two round differently. Calling oneDNN for every batch size gives the same
+    bits for an image at every batch size and position (at each UNet shape tested). Where
+    oneDNN is unavailable (other devices and dtypes), each image is convolved on its own.
+On CUDA: batched GEMMs with one row each, one image per convolution; not measured here (no GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, batch-invariant: 2-D inputs (one row per image) go through one M = 1 GEMM per row."""
+    if x.dim() != 2:
+        return F.linear(x, weight, bias)
+    rows, w_t = x.shape[0], weight.T.expand(x.shape[0], *weight.T.shape)  # (rows, K, N), a view
+    if bias is None:
+        return torch.bmm(x[:, None, :], w_t)[:, 0]
+    return torch.baddbmm(bias.expand(rows, 1, bias.shape[0]), x[:, None, :], w_t)[:, 0]
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    """F.conv2d, batch-invariant: oneDNN at every batch size on CPU, else one image per call."""
+    if _onednn(x, padding):
+        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        return torch.mkldnn_convolution(x.contiguous(), weight, bias, pair(padding), pair(stride), pair(dilation), groups)
+    if x.shape[0] == 1:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return torch.cat([F.conv2d(image, weight, bias, stride, padding, dilation, groups) for image in x.split(1)])
+
+
+def _onednn(x: torch.Tensor, padding) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not isinstance(padding, str) \
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
