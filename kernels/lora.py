@@ -42,12 +42,34 @@ def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> Non
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
 
 
-def segments_of(row_adapter: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, row indices) per slot >= 0 present; indices None when the slot covers every row."""
+def segments_of(row_adapter: torch.Tensor) -> list[tuple[int, slice | torch.Tensor | None]]:
+    """(slot, rows) per slot >= 0 present. rows: None when the slot covers every row, a slice when its
+    rows are contiguous (callers that group rows by slot get views, no gathers), else an index tensor."""
     slots = torch.unique(row_adapter).tolist()
     if len(slots) == 1:
         return [] if slots[0] < 0 else [(slots[0], None)]
-    return [(s, (row_adapter == s).nonzero().squeeze(1)) for s in slots if s >= 0]
+    segments = []
+    for s in slots:
+        if s < 0:
+            continue
+        rows = (row_adapter == s).nonzero().squeeze(1)
+        first, last = int(rows[0]), int(rows[-1])
+        segments.append((s, slice(first, last + 1) if last - first + 1 == rows.numel() else rows))
+    return segments
+
+
+def gather_rows(x: torch.Tensor, rows) -> torch.Tensor:
+    return x if rows is None else x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def add_to_rows(y: torch.Tensor, rows, delta: torch.Tensor) -> None:
+    """y[rows] += delta, one rounding per element whichever form rows take."""
+    if rows is None:
+        y.add_(delta)
+    elif isinstance(rows, slice):
+        y[rows].add_(delta)
+    else:
+        y.index_add_(0, rows, delta.contiguous())
 
 
 class _Shapes:
@@ -80,19 +102,15 @@ def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) ->
     of composed slots, whose length depends on the other slots (it changes small GEMMs' rounding).
     """
     y = batch_invariant.linear(x, weight, bias)  # (M, [N,] N_out)
+    scale_of = scales.tolist()
     for s, rows in segments:  # one segment per slot: punica's SGMV, in torch
         r = ranks[s] if ranks is not None else lora_a.shape[1]
         if r == 0:  # this slot's set does not touch the layer
             continue
-        xs = x if rows is None else x.index_select(0, rows)
-        delta = batch_invariant.linear(batch_invariant.linear(xs, lora_a[s, :r]), lora_b[s, :, :r])  # rank-r bottleneck
-        scale = float(scales[s])
-        if scale != 1.0:
-            delta.mul_(scale)
-        if rows is None:
-            y.add_(delta)
-        else:
-            y.index_add_(0, rows, delta)
+        delta = batch_invariant.linear(batch_invariant.linear(gather_rows(x, rows), lora_a[s, :r]), lora_b[s, :, :r])
+        if scale_of[s] != 1.0:
+            delta.mul_(scale_of[s])
+        add_to_rows(y, rows, delta)
     return y
 
 
@@ -104,20 +122,16 @@ def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ran
     x (n, C, H, W); weight (N_out, C, k, k); lora_a (S, R, C, k, k); lora_b (S, N_out, R); scales (S,).
     """
     y = batch_invariant.conv2d(x, weight, bias, stride, padding, dilation)
+    scale_of = scales.tolist()
     for s, rows in segments:
         r = ranks[s] if ranks is not None else lora_a.shape[1]
         if r == 0:
             continue
-        xs = x if rows is None else x.index_select(0, rows)
-        h = batch_invariant.conv2d(xs, lora_a[s, :r], None, stride, padding, dilation)  # (m, r, H', W')
+        h = batch_invariant.conv2d(gather_rows(x, rows), lora_a[s, :r], None, stride, padding, dilation)  # (m, r, H', W')
         m, _, hh, ww = h.shape
         delta = batch_invariant.linear(h.permute(0, 2, 3, 1).reshape(m, hh * ww, r), lora_b[s, :, :r])  # B: a 1 x 1 conv
         delta = delta.view(m, hh, ww, -1).permute(0, 3, 1, 2)
-        scale = float(scales[s])
-        if scale != 1.0:
-            delta = delta * scale
-        if rows is None:
-            y.add_(delta)
-        else:
-            y.index_add_(0, rows, delta.contiguous())
+        if scale_of[s] != 1.0:
+            delta = delta * scale_of[s]
+        add_to_rows(y, rows, delta)
     return y

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels import batch_invariant, lora_conv2d_reference, lora_linear
+from kernels import add_to_rows, batch_invariant, gather_rows, lora_conv2d_reference, lora_linear
 
 
 @dataclass
@@ -110,10 +110,9 @@ class PerRowProjection(nn.Module):
         batch = self.context.current
         if batch is None:
             return out
-        for slot, proj in enumerate(batch.projections):
-            if proj is not None:
-                rows = (batch.row_slot == slot).nonzero().squeeze(1)
-                out.index_copy_(0, rows, batch_invariant.linear(emb.index_select(0, rows), proj))
+        for slot, rows in batch.segments:
+            if (proj := batch.projections[slot]) is not None:
+                add_to_rows(out, rows, batch_invariant.linear(gather_rows(emb, rows), proj))  # 0 + p: exact
         return out
 
 
