@@ -1,14 +1,16 @@
 """lora_overhead: one UNet evaluation with a LoRA set vs the base, on the CPU path.
 
-Three configurations of the same UNet call, interleaved: base (no adapter), LoRA unmerged
-(the per-row torch reference, as rows of different adapters need), LoRA merged (one set covers
-the call and its merged weights fit the cache: the serving default for the toy; an SD-1.5 set
-at rank 64 needs ~1.2 GB, above the default 64 MiB cache, so it is measured with the budget
-raised). 2 rows (a CFG request with a style adapter). SD15: random weights, rank 64, 64x64 latent.
+Four configurations of the same UNet call, interleaved: base (the served UNet, no adapter),
+LoRA per-row (the torch reference: the serving default, batch-invariant), LoRA merged (the
+opt-in cache of W0 + BA when one set covers the call; it rounds differently from the per-row
+path, so a request's bytes would depend on its batch), and stock (the same weights in an
+unwrapped diffusers UNet: what batch invariance costs). 2 rows (a CFG request with a style
+adapter). SD15: random weights, rank 64, 64x64 latent.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -21,9 +23,20 @@ from server.registry import AdapterRegistry
 from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
 
 
+def _stock_copy(unet):
+    """The UNet without serving layers (each wrapper replaced by the module it wraps)."""
+    stock = copy.deepcopy(unet)
+    for name, module in list(stock.named_modules()):
+        if hasattr(module, "base") and hasattr(module, "context"):
+            stock.set_submodule(name, module.base)
+    stock.time_embedding.cond_proj = None
+    return stock
+
+
 def _ratios(model, adapter, latent: int, tokens: int, rounds: int) -> dict[str, float]:
     registry = AdapterRegistry.of(model)
     unet = model.unet
+    stock = _stock_copy(unet)
     x = torch.randn(2, unet.config.in_channels, latent, latent)
     text = torch.randn(2, tokens, unet.config.cross_attention_dim)
     t, w = torch.tensor([500, 500]), guidance_embedding(torch.zeros(2))
@@ -34,15 +47,21 @@ def _ratios(model, adapter, latent: int, tokens: int, rounds: int) -> dict[str, 
         batches[path] = registry._build_batch([chosen, chosen])
     assert batches["merged"].merged and not batches["unmerged"].merged
 
+    registry.merged_budget_bytes = 0  # the serving default again
+
     def call(path):
         registry.context.current = batches[path]
         with torch.no_grad():
             unet(x, t, encoder_hidden_states=text, timestep_cond=w)
         registry.context.current = None
 
-    times = interleaved_medians({p: (lambda p=p: call(p)) for p in batches}, rounds)
+    def call_stock():
+        with torch.no_grad():
+            stock(x, t, encoder_hidden_states=text)
+
+    times = interleaved_medians({**{p: (lambda p=p: call(p)) for p in batches}, "stock": call_stock}, rounds)
     return {"unmerged": times["unmerged"] / times["base"], "merged": times["merged"] / times["base"],
-            "base_ms": times["base"] * 1e3}
+            "stock": times["base"] / times["stock"], "base_ms": times["base"] * 1e3}
 
 
 def run(quick: bool = False) -> dict:
@@ -53,6 +72,7 @@ def run(quick: bool = False) -> dict:
         toy = _ratios(model, style, 16, model.tokenizer.model_max_length, 5 if quick else 40)
         sd_model, sd_style = sd15_with_adapter(Path(tmp), quick, kind="style", rank=64)
         sd = _ratios(sd_model, sd_style, 8 if quick else 64, 77, 1 if quick else 3)
-    return {"ratio_toy": toy["merged"], "ratio_toy_unmerged": toy["unmerged"],
-            "ratio_sd15": sd["merged"], "ratio_sd15_unmerged": sd["unmerged"],
+    return {"ratio_toy": toy["unmerged"], "ratio_toy_merged": toy["merged"],
+            "ratio_sd15": sd["unmerged"], "ratio_sd15_merged": sd["merged"],
+            "base_over_stock_toy": toy["stock"], "base_over_stock_sd15": sd["stock"],
             "base_toy_ms": toy["base_ms"], "base_sd15_ms": sd["base_ms"]}

@@ -2,8 +2,8 @@
 
 A switch is making the next UNet call use another resident adapter set: switch_ms with the
 set's per-call slots already composed (a cached lookup, the steady state); switch_first_ms
-composing them from nothing (views of owned tensors, or the set's merged W0 + BA when one set
-covers the batch and fits the merged-weight budget; SD-1.5 sets at rank 64 do not by default).
+composing them from nothing (views of the owned tensors for one adapter at weight 1; a
+rank-concatenated copy with the weights folded in for a composed or weighted set).
 """
 
 from __future__ import annotations

@@ -42,16 +42,15 @@ def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> Non
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
 
 
-def segments_of(row_adapter: torch.Tensor) -> list[tuple[int, slice | torch.Tensor | None]]:
-    """(slot, rows) per slot >= 0 present. rows: None when the slot covers every row, a slice when its
-    rows are contiguous (callers that group rows by slot get views, no gathers), else an index tensor."""
-    slots = torch.unique(row_adapter).tolist()
-    if len(slots) == 1:
-        return [] if slots[0] < 0 else [(slots[0], None)]
+def segments_of(row_adapter: torch.Tensor, with_base: bool = False) -> list[tuple[int, slice | torch.Tensor | None]]:
+    """(slot, rows) per slot >= 0 present (and slot -1 too, `with_base`). rows: None when the slot covers
+    every row, a slice when its rows are contiguous (callers that group rows by slot get views, no
+    gathers), else an index tensor."""
+    slots = [s for s in torch.unique(row_adapter).tolist() if with_base or s >= 0]
+    if len(slots) == 1 and (with_base or torch.all(row_adapter == slots[0])):
+        return [(slots[0], None)]
     segments = []
     for s in slots:
-        if s < 0:
-            continue
         rows = (row_adapter == s).nonzero().squeeze(1)
         first, last = int(rows[0]), int(rows[-1])
         segments.append((s, slice(first, last + 1) if last - first + 1 == rows.numel() else rows))
@@ -60,6 +59,16 @@ def segments_of(row_adapter: torch.Tensor) -> list[tuple[int, slice | torch.Tens
 
 def gather_rows(x: torch.Tensor, rows) -> torch.Tensor:
     return x if rows is None else x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def copy_to_rows(y: torch.Tensor, rows, part: torch.Tensor) -> None:
+    """y[rows] = part."""
+    if rows is None:
+        y.copy_(part)
+    elif isinstance(rows, slice):
+        y[rows].copy_(part)
+    else:
+        y.index_copy_(0, rows, part)
 
 
 def add_to_rows(y: torch.Tensor, rows, delta: torch.Tensor) -> None:

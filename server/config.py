@@ -21,8 +21,8 @@ class Settings(BaseSettings):
     queue_size: int = 16  # requests waiting beyond this get 429
     max_batch_rows: int = 16  # UNet rows per batched step (a CFG request takes 2, a single-eval one 1)
     adapter_budget_bytes: int | None = None  # resident adapter bytes; least recently used evicted beyond it
-    # merged W0 + BA per adapter set, used when one set covers a call: faster, but a request's bytes then
-    # depend on what shares its batch (merged and per-row LoRA round differently); 0 keeps them invariant
+    # 0: adapters run as per-row LoRA (the fused kernel on CUDA); > 0: every adapter set runs on its own
+    # merged copy of the layers it touches (W0 + BA: faster, more memory), this many bytes kept cached
     merged_cache_bytes: int = 0
     api_key: str | None = None  # when set, POST/DELETE /adapters need it in X-API-Key
     request_timeout_s: float = 120.0

@@ -17,18 +17,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels import add_to_rows, batch_invariant, gather_rows, lora_conv2d_reference, lora_linear
+from kernels import add_to_rows, batch_invariant, copy_to_rows, gather_rows, lora_conv2d_reference, lora_linear
 
 
 @dataclass
 class AdapterBatch:
-    """What one UNet call's rows use: a slot per distinct adapter set, rank-concatenated."""
+    """What one UNet call's rows use: a slot per distinct adapter set."""
 
     row_slot: torch.Tensor  # (rows,) int64, -1 = base only
     layers: dict[str, tuple] = field(default_factory=dict)  # A (S, R, ...), B (S, N, R), scales (S,), ranks per slot
     projections: list[torch.Tensor | None] = field(default_factory=list)  # per slot: (C, E) or None
     segments: list = field(default_factory=list)  # kernels.segments_of(row_slot), computed once per call
-    merged: dict[str, torch.Tensor] | None = None  # one set covers every row: W0 + sum s B A per layer
+    merged: list[dict[str, torch.Tensor]] | None = None  # merging on: per slot, W0 + sum s B A per layer
+    all_segments: list = field(default_factory=list)  # segments_of(row_slot, with_base=True), merging on
 
 
 class LoRAContext:
@@ -39,18 +40,41 @@ class LoRAContext:
 
 
 class _ServingLayer(nn.Module):
+    """Holds the base module (same parameters) and routes each call: base, per-row LoRA or merged."""
+
     def __init__(self, base: nn.Module, name: str, context: LoRAContext):
         super().__init__()
         self.base, self.name, self.context = base, name, context
 
-    def weight_and_lora(self):
-        """(weight, LoRA entry or None) for the current call: merged weights when a cached set covers it."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.current
         if batch is None:
-            return self.base.weight, None
+            return self.base_forward(x, self.base.weight)
         if batch.merged is not None:
-            return batch.merged.get(self.name, self.base.weight), None
-        return self.base.weight, batch.layers.get(self.name)
+            return self._merged_forward(x, batch)
+        lora = batch.layers.get(self.name)
+        return self.base_forward(x, self.base.weight) if lora is None else self.lora_forward(x, lora, batch)
+
+    def _merged_forward(self, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """Each slot's rows through its set's merged weights; base rows (and sets that leave this layer
+        alone) through W0."""
+        weights = [m.get(self.name, self.base.weight) for m in batch.merged]
+        if all(w is self.base.weight for w in weights):
+            return self.base_forward(x, self.base.weight)
+        parts = [(rows, self.base_forward(gather_rows(x, rows), self.base.weight if slot < 0 else weights[slot]))
+                 for slot, rows in batch.all_segments]
+        if len(parts) == 1:
+            return parts[0][1]
+        y = parts[0][1].new_empty((x.shape[0], *parts[0][1].shape[1:]))
+        for rows, part in parts:
+            copy_to_rows(y, rows, part)
+        return y
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lora_forward(self, x: torch.Tensor, lora: tuple, batch: AdapterBatch) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class ServingLinear(_ServingLayer):
@@ -62,40 +86,45 @@ class ServingLinear(_ServingLayer):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, lora = self.weight_and_lora()
-        if lora is None:
-            return batch_invariant.linear(x, weight, self.base.bias)
-        batch = self.context.current
+    def base_forward(self, x, weight):
+        return batch_invariant.linear(x, weight, self.base.bias)
+
+    def lora_forward(self, x, lora, batch):
         lora_a, lora_b, scales, ranks = lora
-        return lora_linear(x, weight, self.base.bias, lora_a, lora_b, scales, batch.row_slot, segments=batch.segments,
-                           check=False, ranks=ranks)
+        return lora_linear(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.row_slot,
+                           segments=batch.segments, check=False, ranks=ranks)
 
 
 class ServingConv2d(_ServingLayer):
+    """1 x 1 convolutions are linear over channels ((n, C, H, W) -> (n, H W, C) token rows) and take
+    the LoRA op like a Linear; k x k ones are batch-invariant convolutions with the torch LoRA reference."""
+
     def __init__(self, base: nn.Conv2d, name: str, context: LoRAContext):
         super().__init__(base, name, context)
         self.pointwise = base.kernel_size == (1, 1) and base.stride == (1, 1) and base.dilation == (1, 1) \
             and base.groups == 1 and base.padding in ((0, 0), "valid")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, lora = self.weight_and_lora()
-        batch, conv = self.context.current, self.base
-        if self.pointwise:  # linear over channels: (n, C, H, W) -> (n, H W, C) tokens
-            n, c, h, w = x.shape
-            tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-            weight = weight.view(weight.shape[0], c)
-            if lora is None:
-                y = batch_invariant.linear(tokens, weight, conv.bias)
-            else:
-                lora_a, lora_b, scales, ranks = lora
-                y = lora_linear(tokens, weight, conv.bias, lora_a, lora_b, scales, batch.row_slot,
-                                segments=batch.segments, check=False, ranks=ranks)
-            return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
-        if lora is None:
-            return batch_invariant.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return lora_conv2d_reference(x, weight, conv.bias, *lora[:3], batch.segments, lora[3], conv.stride,
-                                     conv.padding, conv.dilation)
+    def base_forward(self, x, weight):
+        if self.pointwise:
+            return self._pointwise(x, lambda tokens: batch_invariant.linear(tokens, weight.flatten(1), self.base.bias))
+        conv = self.base
+        return batch_invariant.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def lora_forward(self, x, lora, batch):
+        lora_a, lora_b, scales, ranks = lora
+        conv = self.base
+        if self.pointwise:
+            return self._pointwise(x, lambda tokens: lora_linear(
+                tokens, conv.weight.flatten(1), conv.bias, lora_a, lora_b, scales, batch.row_slot,
+                segments=batch.segments, check=False, ranks=ranks))
+        return lora_conv2d_reference(x, conv.weight, conv.bias, lora_a, lora_b, scales, batch.segments, ranks,
+                                     conv.stride, conv.padding, conv.dilation)
+
+    @staticmethod
+    def _pointwise(x, linear):
+        n, c, h, w = x.shape
+        y = linear(x.permute(0, 2, 3, 1).reshape(n, h * w, c))
+        return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class PerRowProjection(nn.Module):

@@ -128,8 +128,8 @@ class AdapterRegistry:
         self.budget_bytes = budget_bytes
         self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # composed per-call slots, by row pattern
         self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # W0 + sum s B A, by adapter set
-        # Merged weights (W0 + BA per set, used when one set covers a call) are faster but round
-        # differently from the per-row path, so a request's bytes would depend on its batch: opt-in.
+        # > 0: every set's rows run on its merged weights (W0 + BA, cached up to this many bytes; the sets
+        # of the call being run always stay); 0: per-row LoRA. Never a mix: the two round differently.
         self.merged_budget_bytes = merged_budget_bytes
         self.context = LoRAContext()
         self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
@@ -242,8 +242,9 @@ class AdapterRegistry:
             return batch
 
     def _build_batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
-        """A slot per distinct non-empty set, composed by rank concatenation; when one set covers every
-        row, merged weights instead (no per-layer LoRA work) if they fit the merged-weight budget."""
+        """A slot per distinct non-empty set: composed by rank concatenation for the per-row LoRA op,
+        or, when merging is on, the set's merged weights (every row of a set, always: never a mix of
+        the two, whose rounding differs)."""
         keys: dict[tuple, int] = {}
         slot_sets: list[AdapterSet] = []
         row_slot = []
@@ -259,33 +260,26 @@ class AdapterRegistry:
         rows = torch.tensor(row_slot, dtype=torch.long, device=self.model.device)
         batch = AdapterBatch(rows, segments=segments_of(rows))
         batch.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in slot_sets]
-        if batch.segments == [(0, None)]:
-            batch.merged = self._merged_weights(slot_sets[0])
-            if batch.merged is not None:
-                return batch
+        if self.merged_budget_bytes > 0:
+            batch.merged = [self._merged_weights(chosen) for chosen in slot_sets]
+            batch.all_segments = segments_of(rows, with_base=True)
+            self._trim_merged(keep={tuple((a.name, w) for a, w in chosen) for chosen in slot_sets})
+            return batch
         for layer in {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}:
             batch.layers[layer] = self._compose_layer(layer, slot_sets)
         return batch
 
-    def _merged_weights(self, chosen: AdapterSet) -> dict[str, torch.Tensor] | None:
-        """W0 + sum_i w_i s_i B_i A_i for every layer the set touches (W0 itself untouched), cached
-        within `merged_budget_bytes`; None when the set would not fit."""
+    def _merged_weights(self, chosen: AdapterSet) -> dict[str, torch.Tensor]:
+        """W0 + sum_i w_i s_i B_i A_i for every layer the set touches (W0 itself untouched), cached.
+        Deterministic: a set merged again after eviction gets the same bits."""
         key = tuple((a.name, w) for a, w in chosen)
         if key in self._merged:
             self._merged.move_to_end(key)
             return self._merged[key]
         unet = self.model.unet
-        layers = {layer for a, _ in chosen for layer in a.layers}
-        bases = {layer: unet.get_submodule(layer).base.weight for layer in layers}
-        need = sum(w.numel() * w.element_size() for w in bases.values())
-        if need > self.merged_budget_bytes:
-            return None
-        while self._merged and sum(t.numel() * t.element_size() for m in self._merged.values()
-                                   for t in m.values()) + need > self.merged_budget_bytes:
-            self._merged.popitem(last=False)
         merged = {}
-        for layer, w0 in bases.items():
-            w = w0.clone()
+        for layer in sorted({layer for a, _ in chosen for layer in a.layers}):
+            w = unet.get_submodule(layer).base.weight.clone()
             for a, weight in chosen:
                 if layer in a.layers:
                     lora_a, lora_b = a.layers[layer]
@@ -293,6 +287,17 @@ class AdapterRegistry:
             merged[layer] = w
         self._merged[key] = merged
         return merged
+
+    def _trim_merged(self, keep: set[tuple]) -> None:
+        """Evict least recently used merged sets beyond the budget (never those of the call being built;
+        cached batches that point at an evicted set are dropped with it)."""
+        size = lambda m: sum(t.numel() * t.element_size() for t in m.values())  # noqa: E731
+        total = sum(size(m) for m in self._merged.values())
+        for key in [k for k in self._merged if k not in keep]:
+            if total <= self.merged_budget_bytes:
+                break
+            total -= size(self._merged.pop(key))
+            self._batches.clear()
 
     def _compose_layer(self, layer: str, slot_sets: list[AdapterSet]):
         """A (S, R, K) (or (S, R, C, k, k) for a k x k conv), B (S, N, R), scales (S,): A = [A1; A2], B = [s1 B1, s2 B2],

@@ -44,8 +44,11 @@ def _call(model, registry, rows):
         return model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(w)).sample
 
 
-def test_every_row_is_bit_identical_to_the_row_alone(served):
+@pytest.mark.parametrize("merged_bytes", [0, 64 << 20, 1], ids=["per-row", "merged", "merged-evicting"])
+def test_every_row_is_bit_identical_to_the_row_alone(served, merged_bytes):
+    """Per-row LoRA, merged weights, and merged weights evicted and re-merged between calls."""
     model, registry, sets = served
+    registry.merged_budget_bytes = merged_bytes
     rng = random.Random(0)
     for probe_seed in range(len(sets)):
         probe = _row(model, sets, probe_seed)
@@ -56,6 +59,7 @@ def test_every_row_is_bit_identical_to_the_row_alone(served):
             rows = others[:pos] + [probe] + others[pos:]
             out = _call(model, registry, rows)[pos]
             assert torch.equal(out, alone), (probe_seed, len(rows), pos, (out - alone).abs().max().item())
+    registry.merged_budget_bytes = 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -219,7 +219,7 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
     assert again[1].data_ptr() == first[1].data_ptr()
     torch.testing.assert_close(first[1][0], b.layers[layer][1] * 0.5 * b.scale)
     registry.merged_budget_bytes = 64 << 20  # merged path: W0 + BA in new tensors, W0 itself untouched
-    merged = registry.batch([((a, 1.0),)]).merged
+    merged = registry.batch([((a, 1.0),)]).merged[0]
     assert merged and all(w.data_ptr() not in w0.values() for w in merged.values())
     assert {n.replace(".base.", "."): p.data_ptr() for n, p in model.unet.named_parameters()} == w0
     for n, p in model.unet.named_parameters():
