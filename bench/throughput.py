@@ -2,7 +2,9 @@
 
 In-process engine (step-level batching); HTTP costs are measured separately (http_overhead).
 speedup = images/s concurrent / images/s sequential; p99_over_solo = p99 latency under
-concurrency / median latency of the same requests alone.
+concurrency / median latency of the same requests alone. p99_floor: one UNet call over all
+the clients' rows (12: four CFG requests, four single-eval) / one over a CFG request's 2, the
+base alone: what p99_over_solo would be on this device with free LoRA and no other overhead.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from distill.synthetic_adapters import write_random_adapter
 from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from server.engine import Engine, Job
 from server.model import DiffusionModel
+
+from bench.common import interleaved_medians
 
 CLIENTS = 8
 
@@ -52,6 +57,18 @@ async def _measure(engine: Engine, clients: list[list[Job]]) -> tuple[list[float
     return solo, crowd, sequential, time.perf_counter() - t0
 
 
+def _rows_cost_ratio(model, rows: int, base_rows: int, rounds: int) -> float:
+    unet = model.unet
+    tokens, dim = model.tokenizer.model_max_length, unet.config.cross_attention_dim
+
+    def call(n):
+        with torch.no_grad():
+            unet(torch.randn(n, 4, 16, 16), torch.full((n,), 500), encoder_hidden_states=torch.randn(n, tokens, dim))
+
+    times = interleaved_medians({"crowd": lambda: call(rows), "solo": lambda: call(base_rows)}, rounds)
+    return times["crowd"] / times["solo"]
+
+
 def run(quick: bool = False) -> dict:
     per_client, steps = (1, 3) if quick else (3, 25)
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
@@ -67,8 +84,10 @@ def run(quick: bool = False) -> dict:
             return result
 
         solo, crowd, sequential_s, concurrent_s = asyncio.run(main())
+        crowd_rows = sum(1 if any(n == "guidance-toy" for n, _ in c[0].adapters) else 2 for c in _jobs(1, 1))
+        floor = _rows_cost_ratio(model, crowd_rows, 2, 3 if quick else 30)
     n = len(solo)
-    return {"speedup": sequential_s / concurrent_s, "p99_over_solo": float(np.percentile(crowd, 99)) / statistics.median(solo),
+    return {"speedup": sequential_s / concurrent_s, "p99_floor": floor, "p99_over_solo": float(np.percentile(crowd, 99)) / statistics.median(solo),
             "images_per_s_sequential": n / sequential_s, "images_per_s_concurrent": n / concurrent_s,
             "solo_median_ms": statistics.median(solo) * 1e3, "concurrent_p99_ms": float(np.percentile(crowd, 99)) * 1e3,
             "requests": n}

@@ -123,13 +123,33 @@ def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) ->
     return y
 
 
+def check_lora_conv_args(x, weight, bias, lora_a, lora_b, scales) -> None:
+    """ValueError naming the tensors and their shapes when a k x k conv LoRA's tensors do not fit."""
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in
+                       (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("scales", scales)))
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x must be (n, C, H, W) and weight (N, C, k, k); got {shapes}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (N,) = ({weight.shape[0]},); got bias {tuple(bias.shape)}")
+    if lora_a.dim() != 5 or lora_a.shape[2:] != weight.shape[1:] or lora_b.dim() != 3 \
+            or lora_b.shape[:2] != (lora_a.shape[0], weight.shape[0]) or lora_b.shape[2] != lora_a.shape[1]:
+        raise ValueError(f"lora_a must be (S, R, C, k, k) and lora_b (S, N, R); got {shapes}")
+    if scales.shape != (lora_a.shape[0],):
+        raise ValueError(f"scales must be (S,) = ({lora_a.shape[0]},); got {shapes}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+
+
 def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None, stride=1, padding=0,
-                          dilation=1) -> torch.Tensor:
+                          dilation=1, check: bool = True) -> torch.Tensor:
     """LoRA on a k x k convolution (peft's layout: A a k x k conv to R channels, B a 1 x 1 conv back),
     per-row slots like `lora_apply`. Torch only: the Triton kernel covers linear and 1 x 1 layers.
 
     x (n, C, H, W); weight (N_out, C, k, k); lora_a (S, R, C, k, k); lora_b (S, N_out, R); scales (S,).
     """
+    if check:
+        check_lora_conv_args(x, weight, bias, lora_a, lora_b, scales)
     y = batch_invariant.conv2d(x, weight, bias, stride, padding, dilation)
     scale_of = scales.tolist()
     for s, rows in segments:

@@ -118,7 +118,7 @@ class ServingConv2d(_ServingLayer):
                 tokens, conv.weight.flatten(1), conv.bias, lora_a, lora_b, scales, batch.row_slot,
                 segments=batch.segments, check=False, ranks=ranks))
         return lora_conv2d_reference(x, conv.weight, conv.bias, lora_a, lora_b, scales, batch.segments, ranks,
-                                     conv.stride, conv.padding, conv.dilation)
+                                     conv.stride, conv.padding, conv.dilation, check=False)
 
     @staticmethod
     def _pointwise(x, linear):

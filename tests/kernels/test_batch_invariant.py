@@ -93,3 +93,16 @@ def test_conv_lora_rows_round_the_same_alone_and_beside_another_slot():
     expected = F.conv2d(probe[None], w, padding=1) + F.conv2d(F.conv2d(probe[None], a[0, :4], padding=1),
                                                               b[0, :, :4, None, None])
     torch.testing.assert_close(alone, expected[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, names", [("lora_a", "lora_a"), ("lora_b", "lora_b"), ("weight", "weight"),
+                                        ("dtype", "lora_b is torch.float64")])
+def test_conv_lora_bad_shapes_name_the_tensors(bad, names):
+    args = dict(x=torch.randn(2, 16, 8, 8), weight=torch.randn(32, 16, 3, 3), bias=None,
+                lora_a=torch.randn(1, 4, 16, 3, 3), lora_b=torch.randn(1, 32, 4), scales=torch.ones(1))
+    if bad == "dtype":
+        args["lora_b"] = args["lora_b"].double()
+    else:
+        args[bad] = args[bad][..., :2] if bad != "lora_b" else args[bad][:, :5]
+    with pytest.raises(ValueError, match=names):
+        lora_conv2d_reference(*args.values(), [(0, None)])
