@@ -7,6 +7,8 @@ import importlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,8 +42,13 @@ def main() -> None:
     unknown = set(args.names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHMARKS}")
+    names = args.names or BENCHMARKS
+    if len(names) > 1:  # one process each: torch state (thread pools, allocator) of one never skews another
+        for name in names:
+            subprocess.run([sys.executable, "-m", "bench", name] + (["--quick"] if args.quick else []), check=True)
+        return
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name in args.names or BENCHMARKS:
+    for name in names:
         t0 = time.perf_counter()
         figures = importlib.import_module(f"bench.{name}").run(quick=args.quick)
         figures["bench_seconds"] = round(time.perf_counter() - t0, 1)

@@ -12,7 +12,7 @@ import io
 import httpx
 
 from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from server.engine import Engine, Job
+from server.engine import TORCH_THREAD, Engine, Job
 from server.launch import serve_subprocess
 from server.model import DiffusionModel
 
@@ -25,8 +25,12 @@ def run(quick: bool = False) -> dict:
             "adapters": [{"name": "guidance-toy"}]}
     loop = asyncio.new_event_loop()
     with serve_subprocess(ready_within_s=120) as url:
-        engine = Engine(DiffusionModel.from_pretrained(EMBEDDED_MODEL))
-        engine.load_adapters_from(EMBEDDED_ADAPTERS)
+        def make_engine() -> Engine:  # torch work on the engine's one torch thread (server/engine.py)
+            engine = Engine(DiffusionModel.from_pretrained(EMBEDDED_MODEL))
+            engine.load_adapters_from(EMBEDDED_ADAPTERS)
+            return engine
+
+        engine = TORCH_THREAD.submit(make_engine).result()
         loop.run_until_complete(engine.start())
         job = Job(prompt=body["prompt"], guidance=2.0, steps=steps, seed=3, adapters=(("guidance-toy", 1.0),))
         client = httpx.Client(timeout=60)
@@ -40,6 +44,7 @@ def run(quick: bool = False) -> dict:
             result.image.save(io.BytesIO(), format="PNG")
 
         times = interleaved_medians({"http": over_http, "in_process": in_process}, rounds, warmup=2)
+        loop.run_until_complete(engine.stop())
     loop.close()
     return {"ratio": times["http"] / times["in_process"], "http_ms": times["http"] * 1e3,
             "in_process_ms": times["in_process"] * 1e3}

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.adapters import AdapterError
 from server.config import Settings, get_settings
-from server.engine import Engine, Job, QueueFull
+from server.engine import Engine, Job, QueueFull, on_torch_thread
 from server.model import DiffusionModel
 from server.registry import AdapterInUse, GuidanceOutOfRange, UnknownAdapter
 from server.schemas import GenerateRequest, LoadAdapterRequest, describe_errors
@@ -39,13 +39,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        model = DiffusionModel.from_pretrained(settings.model_path, settings.device, getattr(torch, settings.dtype))
-        engine = Engine(model, settings.queue_size, settings.request_timeout_s, settings.max_batch_rows,
-                        settings.adapter_budget_bytes, settings.merged_cache_bytes)
-        engine.load_adapters_from(settings.adapters_root)
-        app.state.engine = engine
+        def load() -> Engine:  # on the torch thread, like all torch work (server/engine.py says why)
+            if settings.threads:
+                torch.set_num_threads(settings.threads)
+            model = DiffusionModel.from_pretrained(settings.model_path, settings.device, getattr(torch, settings.dtype))
+            engine = Engine(model, settings.queue_size, settings.request_timeout_s, settings.max_batch_rows,
+                            settings.adapter_budget_bytes, settings.merged_cache_bytes)
+            engine.load_adapters_from(settings.adapters_root)
+            return engine
+
+        app.state.engine = engine = await on_torch_thread(load)
         await engine.start()
         yield
         await engine.stop()
@@ -151,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not folder.is_relative_to(root):
             raise HTTPException(status_code=400, detail=f"path {req.path!r} is outside the adapters root")
         try:
-            adapter = await asyncio.to_thread(eng.registry.load, req.name, folder)
+            adapter = await on_torch_thread(eng.registry.load, req.name, folder)
         except AdapterError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         finally:

@@ -10,6 +10,7 @@ A request whose client went away or timed out is dropped at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -30,6 +31,16 @@ log = logging.getLogger("distillery.engine")
 
 class QueueFull(Exception):
     pass
+
+
+# Every torch call of the server runs on this ONE thread. Each thread that enters torch gets its
+# own OpenMP pool, and once a process has two, every parallel region in it ran ~2.4x slower on
+# this 2-core machine (measured: a toy generation 0.5 s -> 1.2 s, whichever thread ran it).
+TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillery-torch")
+
+
+async def on_torch_thread(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(TORCH_THREAD, fn, *args)
 
 
 @dataclass(frozen=True)
@@ -89,9 +100,6 @@ class Engine:
         self.ready = False
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
-        # All torch work runs on ONE thread: each thread that enters torch gets its own OpenMP pool,
-        # and idle pools spinning beside the busy one slowed batched steps ~3x on 2 cores.
-        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillery-torch")
 
     @property
     def default_guidance(self) -> float:
@@ -120,7 +128,7 @@ class Engine:
         return chosen
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.warmup)
+        await on_torch_thread(self.warmup)
         self._worker = asyncio.create_task(self._run())
         self.ready = True
 
@@ -128,6 +136,8 @@ class Engine:
         self.ready = False
         if self._worker:
             self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
 
     def warmup(self) -> None:
         """One tiny generation per mode: first-call allocations and lazy inits happen before traffic."""
@@ -136,7 +146,10 @@ class Engine:
             generate(self.model, ["warm-up"], [0], adapter.meta.w_min, steps=1, adapters=((adapter, 1.0),))
 
     async def submit(self, job: Job) -> Result:
-        chosen = self.resolve(job)
+        if all(name in self.registry.resident for name, _ in job.adapters):
+            chosen = self.resolve(job)
+        else:  # an evicted adapter is read back from disk: torch work, so on the torch thread
+            chosen = await on_torch_thread(self.resolve, job)
         if len(self.pending) >= self.queue_size:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
@@ -203,7 +216,7 @@ class Engine:
                 self._arrived.clear()
             admitted = self._admit(active)
             if admitted:
-                for item, exc in await loop.run_in_executor(self._torch_thread, self._start, admitted):
+                for item, exc in await loop.run_in_executor(TORCH_THREAD, self._start, admitted):
                     active.remove(item)
                     self._close(item, "error", exc)
             for a in [a for a in active if a.future.cancelled()]:
@@ -212,7 +225,7 @@ class Engine:
             if not active:
                 continue
             try:
-                done = await loop.run_in_executor(self._torch_thread, self._step, active)
+                done = await loop.run_in_executor(TORCH_THREAD, self._step, active)
             except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
                 log.exception("UNet step failed")
                 for a in active:

@@ -3,8 +3,9 @@ and a row's result never depends on the other rows (kernels/batch_invariant.py).
 
 Every nn.Linear and nn.Conv2d is wrapped once (the wrapper holds the SAME base module: W0 is
 never copied). Linear and 1 x 1 convolutions (linear over channels) route through
-`kernels.lora_linear` with the call's per-row adapter slot; k x k convolutions are convolved
-per image and take their LoRA through the torch reference `kernels.lora_conv2d_reference`.
+`kernels.lora_linear` with the call's per-row adapter slot; k x k convolutions are
+batch-invariant convolutions with their LoRA through the torch reference
+`kernels.lora_conv2d_reference`. With merging on, each slot's rows run on its set's merged weights.
 `time_embedding.cond_proj` becomes a per-row w projection: rows whose set holds a
 guidance-distilled adapter get its projection, other rows get exactly zero (their timestep
 embedding is bit-identical to the plain UNet's).
