@@ -4,7 +4,8 @@ ratio = distilled / teacher latency, whole images (text encoding + denoising + d
 equal steps on the toy, interleaved. limit = the best that ratio can be on this machine, from
 the same run's component timings, with W0's own batch-1 time (LoRA at no cost):
     (text(1 prompt) + steps * unet(batch 1) + decode) / (text(2 prompts) + steps * unet(batch 2) + decode)
-limit_with_lora uses the student's measured batch-1 time instead (unmerged LoRA included).
+limit_with_lora uses the student's measured batch-1 time instead (its LoRA included). The toy
+figures use the serving default (merged LoRA on CPU).
 ratio_sd15 = the same ratio for the denoising loop of a random-weight SD-1.5-shaped UNet at a
 32x32 latent and 4 steps, the student carrying a rank-64 LoRA (random weights) and the w
 projection (text encoder and VAE are not part of that figure).
@@ -83,7 +84,7 @@ def _toy(quick: bool) -> dict:
 
 def _sd15(quick: bool) -> dict:
     """Denoising loops on an SD-1.5-shaped UNet (quick: a narrow variant of the same layout), with the
-    student's LoRA unmerged (per-row path) and merged (one set covers the batch, budget raised to fit)."""
+    student's LoRA merged (the CPU default) and per-row (suffix _unmerged; the CUDA default)."""
     with tempfile.TemporaryDirectory() as tmp:
         model, adapter = sd15_with_adapter(Path(tmp), quick, kind="guidance", rank=64)
         latent = 8 if quick else 32

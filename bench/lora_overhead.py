@@ -1,11 +1,11 @@
 """lora_overhead: one UNet evaluation with a LoRA set vs the base, on the CPU path.
 
 Four configurations of the same UNet call, interleaved: base (the served UNet, no adapter),
-LoRA per-row (the torch reference: the serving default, batch-invariant), LoRA merged (the
-opt-in cache of W0 + BA when one set covers the call; it rounds differently from the per-row
-path, so a request's bytes would depend on its batch), and stock (the same weights in an
-unwrapped diffusers UNet: what batch invariance costs). 2 rows (a CFG request with a style
-adapter). SD15: random weights, rank 64, 64x64 latent.
+LoRA merged (the set's merged copy of its layers: the serving default on CPU), LoRA per-row
+(the torch reference of the fused kernel: DISTILLERY_MERGED_CACHE_BYTES=0, and the default on
+CUDA), and stock (the same weights in an unwrapped diffusers UNet: what the batch-invariant
+serving layers cost). 2 rows (a CFG request with a style adapter). SD15: random weights, rank
+64, 64x64 latent.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ def _ratios(model, adapter, latent: int, tokens: int, rounds: int) -> dict[str, 
         batches[path] = registry._build_batch([chosen, chosen])
     assert batches["merged"].merged and not batches["unmerged"].merged
 
-    registry.merged_budget_bytes = 0  # the serving default again
 
     def call(path):
         registry.context.current = batches[path]
@@ -72,7 +71,7 @@ def run(quick: bool = False) -> dict:
         toy = _ratios(model, style, 16, model.tokenizer.model_max_length, 5 if quick else 40)
         sd_model, sd_style = sd15_with_adapter(Path(tmp), quick, kind="style", rank=64)
         sd = _ratios(sd_model, sd_style, 8 if quick else 64, 77, 1 if quick else 3)
-    return {"ratio_toy": toy["unmerged"], "ratio_toy_merged": toy["merged"],
-            "ratio_sd15": sd["unmerged"], "ratio_sd15_merged": sd["merged"],
+    return {"ratio_toy": toy["merged"], "ratio_toy_per_row": toy["unmerged"],
+            "ratio_sd15": sd["merged"], "ratio_sd15_per_row": sd["unmerged"],
             "base_over_stock_toy": toy["stock"], "base_over_stock_sd15": sd["stock"],
             "base_toy_ms": toy["base_ms"], "base_sd15_ms": sd["base_ms"]}

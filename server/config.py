@@ -22,8 +22,9 @@ class Settings(BaseSettings):
     max_batch_rows: int = 16  # UNet rows per batched step (a CFG request takes 2, a single-eval one 1)
     adapter_budget_bytes: int | None = None  # resident adapter bytes; least recently used evicted beyond it
     # 0: adapters run as per-row LoRA (the fused kernel on CUDA); > 0: every adapter set runs on its own
-    # merged copy of the layers it touches (W0 + BA: faster, more memory), this many bytes kept cached
-    merged_cache_bytes: int = 0
+    # merged copy of the layers it touches (W0 + BA: faster, more memory), this many bytes kept cached.
+    # Unset: 2 GiB on CPU, 0 on CUDA (server/registry.py: default_merged_budget)
+    merged_cache_bytes: int | None = None
     api_key: str | None = None  # when set, POST/DELETE /adapters need it in X-API-Key
     request_timeout_s: float = 120.0
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
