@@ -74,7 +74,7 @@ def _toy(quick: bool) -> dict:
         "limit": limit,
         "ratio_over_limit": whole["distilled"] / whole["teacher"] / limit,
         "teacher_ms": whole["teacher"] * 1e3, "distilled_ms": whole["distilled"] * 1e3,
-        "limit_with_lora": limit_with(parts["unet_b1_student"]),  # the student's measured b1, unmerged LoRA included
+        "limit_with_lora": limit_with(parts["unet_b1_student"]),  # the student's measured b1, its LoRA included
         "unet_b1_base_ms": parts["unet_b1_base"] * 1e3, "unet_b1_student_ms": parts["unet_b1_student"] * 1e3,
         "unet_b2_ms": parts["unet_b2_teacher"] * 1e3,
         "unet_calls_distilled": _count_rows(model, distilled), "unet_calls_teacher": _count_rows(model, teacher),
