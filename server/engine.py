@@ -194,7 +194,7 @@ class Engine:
         return failed
 
     def _step(self, active: list[_InFlight]) -> list[_InFlight]:
-        """One UNet call for all in flight; returns those that finished (decoded). Runs on a thread."""
+        """One UNet call for all in flight; returns those that finished (decoded). On the torch thread."""
         unet_step(self.model, self.registry, [a.request for a in active])
         rows = sum(a.rows for a in active)
         self.metrics.batch_rows.observe(rows)
@@ -209,14 +209,13 @@ class Engine:
 
     async def _run(self) -> None:
         active: list[_InFlight] = []
-        loop = asyncio.get_running_loop()
         while True:
             if not active and not self.pending:
                 await self._arrived.wait()
                 self._arrived.clear()
             admitted = self._admit(active)
             if admitted:
-                for item, exc in await loop.run_in_executor(TORCH_THREAD, self._start, admitted):
+                for item, exc in await on_torch_thread(self._start, admitted):
                     active.remove(item)
                     self._close(item, "error", exc)
             for a in [a for a in active if a.future.cancelled()]:
@@ -225,7 +224,7 @@ class Engine:
             if not active:
                 continue
             try:
-                done = await loop.run_in_executor(TORCH_THREAD, self._step, active)
+                done = await on_torch_thread(self._step, active)
             except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
                 log.exception("UNet step failed")
                 for a in active:
