@@ -109,7 +109,7 @@ def _fit(folder: Path, layer: str, base: nn.Module, a: torch.Tensor, b: torch.Te
 
 
 def default_merged_budget(device: torch.device) -> int:
-    """Merged weights on CPU (per-row LoRA in torch costs 7-19% per UNet call there, merged ~0%:
+    """Merged weights on CPU (per-row LoRA in torch cost 7-19% per UNet call there, merged -4% to +4%:
     bench lora_overhead), per-row LoRA on CUDA (the fused kernel, no copies of W0's layers)."""
     return 0 if device.type == "cuda" else 2 << 30
 
