@@ -44,3 +44,31 @@ def test_client_that_goes_away_cancels_its_work(server_url):
         assert time.monotonic() < deadline, "the abandoned request was not cancelled"
     ok = httpx.post(f"{server_url}/generate", json={"prompt": "x", "steps": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_same_png_bytes_alone_and_among_concurrent_requests(server_url):
+    """Over the socket: a request's PNG is byte-identical whether it runs alone or beside others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    probe = {"prompt": "a small red circle", "guidance": 2.0, "steps": 8, "seed": 5,
+             "adapters": [{"name": "guidance-toy"}]}
+    others = [{"prompt": "a blue square", "steps": 8, "seed": s, "guidance": 1.0 + s} for s in range(3)]
+
+    def post(body):
+        resp = httpx.post(f"{server_url}/generate", json=body, timeout=120)
+        assert resp.status_code == 200
+        return resp.content
+
+    alone = post(probe)
+    shared_before = _calls_over_two_rows(server_url)
+    with ThreadPoolExecutor(4) as pool:
+        crowd = list(pool.map(post, others + [probe]))
+    assert crowd[-1] == alone
+    assert crowd[0] != alone
+    assert _calls_over_two_rows(server_url) > shared_before  # requests really shared UNet calls
+
+
+def _calls_over_two_rows(server_url) -> float:
+    text = httpx.get(f"{server_url}/metrics", timeout=5).text
+    value = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("distillery_batch_rows")}
+    return value["distillery_batch_rows_count"] - value['distillery_batch_rows_bucket{le="2.0"}']
