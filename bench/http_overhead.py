@@ -7,7 +7,6 @@ In-process: Engine.submit in this process plus PNG encoding. Interleaved, median
 from __future__ import annotations
 
 import asyncio
-import io
 
 import httpx
 
@@ -40,8 +39,7 @@ def run(quick: bool = False) -> dict:
             assert resp.status_code == 200
 
         def in_process():
-            result = loop.run_until_complete(engine.submit(job))
-            result.image.save(io.BytesIO(), format="PNG")
+            loop.run_until_complete(engine.submit(job)).png
 
         times = interleaved_medians({"http": over_http, "in_process": in_process}, rounds, warmup=2)
         loop.run_until_complete(engine.stop())

@@ -61,9 +61,12 @@ def _rows_cost_ratio(model, rows: int, base_rows: int, rounds: int) -> float:
     unet = model.unet
     tokens, dim = model.tokenizer.model_max_length, unet.config.cross_attention_dim
 
+    inputs = {n: (torch.randn(n, 4, 16, 16), torch.full((n,), 500), torch.randn(n, tokens, dim)) for n in (rows, base_rows)}
+
     def call(n):
+        x, t, text = inputs[n]
         with torch.no_grad():
-            unet(torch.randn(n, 4, 16, 16), torch.full((n,), 500), encoder_hidden_states=torch.randn(n, tokens, dim))
+            unet(x, t, encoder_hidden_states=text)
 
     times = interleaved_medians({"crowd": lambda: call(rows), "solo": lambda: call(base_rows)}, rounds)
     return times["crowd"] / times["solo"]

@@ -37,5 +37,5 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=N
                       segments if segments is not None else segments_of(row_adapter), ranks)
 
 
-__all__ = ["add_to_rows", "backend", "check_lora_args", "copy_to_rows", "gather_rows", "lora_apply", "lora_conv2d_reference", "lora_linear", "lora_linear_reference",
-           "segments_of"]
+__all__ = ["add_to_rows", "backend", "check_lora_args", "copy_to_rows", "gather_rows", "lora_apply",
+           "lora_conv2d_reference", "lora_linear", "lora_linear_reference", "segments_of"]

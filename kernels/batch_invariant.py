@@ -33,6 +33,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.baddbmm(bias.expand(rows, 1, bias.shape[0]), x[:, None, :], w_t)[:, 0]
 
 
+def over_channels(x: torch.Tensor, linear) -> torch.Tensor:
+    """A linear map over the channels of (n, C, H, W): `linear` sees (n, H W, C) token rows, as a
+    token-level layer does (a 1 x 1 convolution is one)."""
+    n, c, h, w = x.shape
+    y = linear(x.permute(0, 2, 3, 1).reshape(n, h * w, c))
+    return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
 SMALL_CONV_MACS = 50_000_000  # per image; SD-1.5's convolutions are all above, the toy's all below
 
 

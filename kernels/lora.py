@@ -25,18 +25,34 @@ from kernels import batch_invariant
 def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> None:
     """ValueError naming the tensors and their shapes when they do not fit together."""
     k = x.shape[-1]
-    shapes = _Shapes(x, weight, lora_a, lora_b, scales, row_adapter)
+    shapes = _Shapes(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales, row_adapter=row_adapter)
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be (N, K) with K = x.shape[-1]; got {shapes}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be (N,) = ({weight.shape[0]},); got bias {tuple(bias.shape)}")
     if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[2] != k or lora_b.shape[1] != weight.shape[0] \
             or lora_a.shape[0] != lora_b.shape[0] or lora_a.shape[1] != lora_b.shape[2]:
         raise ValueError(f"lora_a must be (S, R, K) and lora_b (S, N, R); got {shapes}")
-    if scales.shape != (lora_a.shape[0],):
-        raise ValueError(f"scales must be (S,) = ({lora_a.shape[0]},); got {shapes}")
     if row_adapter.dim() != 1 or row_adapter.shape[0] != x.shape[0] or row_adapter.dtype != torch.long:
         raise ValueError(f"row_adapter must be int64 (x.shape[0],); got {shapes}, dtype {row_adapter.dtype}")
+    _check_bias_scales_dtypes(x, weight, bias, lora_a, lora_b, scales, shapes)
+
+
+def check_lora_conv_args(x, weight, bias, lora_a, lora_b, scales) -> None:
+    """ValueError naming the tensors and their shapes when a k x k conv LoRA's tensors do not fit."""
+    shapes = _Shapes(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales)
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x must be (n, C, H, W) and weight (N, C, k, k); got {shapes}")
+    if lora_a.dim() != 5 or lora_a.shape[2:] != weight.shape[1:] or lora_b.dim() != 3 \
+            or lora_b.shape[:2] != (lora_a.shape[0], weight.shape[0]) or lora_b.shape[2] != lora_a.shape[1]:
+        raise ValueError(f"lora_a must be (S, R, C, k, k) and lora_b (S, N, R); got {shapes}")
+    _check_bias_scales_dtypes(x, weight, bias, lora_a, lora_b, scales, shapes)
+
+
+def _check_bias_scales_dtypes(x, weight, bias, lora_a, lora_b, scales, shapes) -> None:
+    """The checks the linear and the conv op share."""
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (N,) = ({weight.shape[0]},); got bias {tuple(bias.shape)}")
+    if scales.shape != (lora_a.shape[0],):
+        raise ValueError(f"scales must be (S,) = ({lora_a.shape[0]},); got {shapes}")
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
@@ -84,12 +100,11 @@ def add_to_rows(y: torch.Tensor, rows, delta: torch.Tensor) -> None:
 class _Shapes:
     """Formats the tensors' shapes only when an error message needs them (this runs per layer call)."""
 
-    def __init__(self, *tensors):
+    def __init__(self, **tensors):
         self.tensors = tensors
 
     def __str__(self) -> str:
-        names = ("x", "weight", "lora_a", "lora_b", "scales", "row_adapter")
-        return ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, self.tensors))
+        return ", ".join(f"{n} {tuple(t.shape)}" for n, t in self.tensors.items())
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -111,34 +126,23 @@ def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) ->
     of composed slots, whose length depends on the other slots (it changes small GEMMs' rounding).
     """
     y = batch_invariant.linear(x, weight, bias)  # (M, [N,] N_out)
+    return _add_lora_terms(y, x, scales, segments, ranks if ranks is not None else [lora_a.shape[1]] * lora_a.shape[0],
+                           lambda xs, s, r: batch_invariant.linear(batch_invariant.linear(xs, lora_a[s, :r]),
+                                                                   lora_b[s, :, :r]))  # rank-r bottleneck
+
+
+def _add_lora_terms(y, x, scales, segments, ranks, term) -> torch.Tensor:
+    """y[rows] += scale * term(x[rows], slot, rank) for each slot's rows (punica's SGMV, in torch); a
+    slot whose set leaves this layer alone has rank 0."""
     scale_of = scales.tolist()
-    for s, rows in segments:  # one segment per slot: punica's SGMV, in torch
-        r = ranks[s] if ranks is not None else lora_a.shape[1]
-        if r == 0:  # this slot's set does not touch the layer
+    for s, rows in segments:
+        if ranks[s] == 0:
             continue
-        delta = batch_invariant.linear(batch_invariant.linear(gather_rows(x, rows), lora_a[s, :r]), lora_b[s, :, :r])
+        delta = term(gather_rows(x, rows), s, ranks[s])
         if scale_of[s] != 1.0:
-            delta.mul_(scale_of[s])
+            delta = delta * scale_of[s]
         add_to_rows(y, rows, delta)
     return y
-
-
-def check_lora_conv_args(x, weight, bias, lora_a, lora_b, scales) -> None:
-    """ValueError naming the tensors and their shapes when a k x k conv LoRA's tensors do not fit."""
-    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in
-                       (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("scales", scales)))
-    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x must be (n, C, H, W) and weight (N, C, k, k); got {shapes}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be (N,) = ({weight.shape[0]},); got bias {tuple(bias.shape)}")
-    if lora_a.dim() != 5 or lora_a.shape[2:] != weight.shape[1:] or lora_b.dim() != 3 \
-            or lora_b.shape[:2] != (lora_a.shape[0], weight.shape[0]) or lora_b.shape[2] != lora_a.shape[1]:
-        raise ValueError(f"lora_a must be (S, R, C, k, k) and lora_b (S, N, R); got {shapes}")
-    if scales.shape != (lora_a.shape[0],):
-        raise ValueError(f"scales must be (S,) = ({lora_a.shape[0]},); got {shapes}")
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
 
 
 def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None, stride=1, padding=0,
@@ -151,16 +155,9 @@ def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ran
     if check:
         check_lora_conv_args(x, weight, bias, lora_a, lora_b, scales)
     y = batch_invariant.conv2d(x, weight, bias, stride, padding, dilation)
-    scale_of = scales.tolist()
-    for s, rows in segments:
-        r = ranks[s] if ranks is not None else lora_a.shape[1]
-        if r == 0:
-            continue
-        h = batch_invariant.conv2d(gather_rows(x, rows), lora_a[s, :r], None, stride, padding, dilation)  # (m, r, H', W')
-        m, _, hh, ww = h.shape
-        delta = batch_invariant.linear(h.permute(0, 2, 3, 1).reshape(m, hh * ww, r), lora_b[s, :, :r])  # B: a 1 x 1 conv
-        delta = delta.view(m, hh, ww, -1).permute(0, 3, 1, 2)
-        if scale_of[s] != 1.0:
-            delta = delta * scale_of[s]
-        add_to_rows(y, rows, delta)
-    return y
+
+    def term(xs, s, r):  # A: a k x k conv to r channels; B: a 1 x 1 conv back
+        h = batch_invariant.conv2d(xs, lora_a[s, :r], None, stride, padding, dilation)
+        return batch_invariant.over_channels(h, lambda tokens: batch_invariant.linear(tokens, lora_b[s, :, :r]))
+
+    return _add_lora_terms(y, x, scales, segments, ranks if ranks is not None else [lora_a.shape[1]] * lora_a.shape[0], term)

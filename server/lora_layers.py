@@ -107,7 +107,8 @@ class ServingConv2d(_ServingLayer):
 
     def base_forward(self, x, weight):
         if self.pointwise:
-            return self._pointwise(x, lambda tokens: batch_invariant.linear(tokens, weight.flatten(1), self.base.bias))
+            return batch_invariant.over_channels(x, lambda tokens: batch_invariant.linear(tokens, weight.flatten(1),
+                                                                                          self.base.bias))
         conv = self.base
         return batch_invariant.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -115,17 +116,11 @@ class ServingConv2d(_ServingLayer):
         lora_a, lora_b, scales, ranks = lora
         conv = self.base
         if self.pointwise:
-            return self._pointwise(x, lambda tokens: lora_linear(
+            return batch_invariant.over_channels(x, lambda tokens: lora_linear(
                 tokens, conv.weight.flatten(1), conv.bias, lora_a, lora_b, scales, batch.row_slot,
                 segments=batch.segments, check=False, ranks=ranks))
         return lora_conv2d_reference(x, conv.weight, conv.bias, lora_a, lora_b, scales, batch.segments, ranks,
                                      conv.stride, conv.padding, conv.dilation, check=False)
-
-    @staticmethod
-    def _pointwise(x, linear):
-        n, c, h, w = x.shape
-        y = linear(x.permute(0, 2, 3, 1).reshape(n, h * w, c))
-        return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class PerRowProjection(nn.Module):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from server.guidance import guidance_embedding
 from server.model import DiffusionModel
-from server.registry import AdapterRegistry, AdapterSet, guidance_adapter
+from server.registry import AdapterRegistry, AdapterSet, guidance_adapter, set_key
 from server.sampler import GuidedSampler, initial_noise, make_scheduler
 
 
@@ -62,7 +62,7 @@ def unet_step(model: DiffusionModel, registry: AdapterRegistry, requests: list[R
     contiguous slice (views, not gathers, in the LoRA layers); rows are batch-invariant, so the
     order changes no result.
     """
-    requests = sorted(requests, key=lambda r: [(a.name, w) for a, w in r.adapters])
+    requests = sorted(requests, key=lambda r: set_key(r.adapters))
     rows = [r.sampler.rows() for r in requests]
     x = torch.cat([r.latents for r in rows])  # (rows, C, h, w)
     t = torch.cat([r.timestep.reshape(1).expand(r.latents.shape[0]) for r in rows])  # (rows,) per-row timesteps

@@ -61,6 +61,11 @@ class LoadedAdapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def set_key(chosen: AdapterSet) -> tuple[tuple[str, float], ...]:
+    """An adapter set by its adapters' names and weights: its identity in caches and in batch order."""
+    return tuple((a.name, w) for a, w in chosen)
+
+
 def guidance_adapter(chosen: AdapterSet) -> LoadedAdapter | None:
     """The set's guidance-distilled adapter (it makes sampling single-eval), if any; at most one is allowed."""
     distilled = [a for a, _ in chosen if a.single_eval]
@@ -237,7 +242,7 @@ class AdapterRegistry:
 
     def batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
         """Slots for one UNet call (cached by row pattern: steady batches and switches back cost a lookup)."""
-        pattern = tuple(tuple((a.name, w) for a, w in chosen) for chosen in row_sets)
+        pattern = tuple(set_key(chosen) for chosen in row_sets)
         with self._lock:
             batch = self._batches.get(pattern)
             if batch is None:
@@ -258,7 +263,7 @@ class AdapterRegistry:
             if not chosen:
                 row_slot.append(-1)
                 continue
-            key = tuple((a.name, w) for a, w in chosen)
+            key = set_key(chosen)
             if key not in keys:
                 keys[key] = len(slot_sets)
                 slot_sets.append(chosen)
@@ -269,7 +274,7 @@ class AdapterRegistry:
         if self.merged_budget_bytes > 0:
             batch.merged = [self._merged_weights(chosen) for chosen in slot_sets]
             batch.all_segments = segments_of(rows, with_base=True)
-            self._trim_merged(keep={tuple((a.name, w) for a, w in chosen) for chosen in slot_sets})
+            self._trim_merged(keep={set_key(chosen) for chosen in slot_sets})
             return batch
         for layer in {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}:
             batch.layers[layer] = self._compose_layer(layer, slot_sets)
@@ -278,7 +283,7 @@ class AdapterRegistry:
     def _merged_weights(self, chosen: AdapterSet) -> dict[str, torch.Tensor]:
         """W0 + sum_i w_i s_i B_i A_i for every layer the set touches (W0 itself untouched), cached.
         Deterministic: a set merged again after eviction gets the same bits."""
-        key = tuple((a.name, w) for a, w in chosen)
+        key = set_key(chosen)
         if key in self._merged:
             self._merged.move_to_end(key)
             return self._merged[key]
