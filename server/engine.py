@@ -30,7 +30,23 @@ log = logging.getLogger("distillery.engine")
 
 
 class QueueFull(Exception):
-    pass
+    """The queue holds `queue_size` requests already: 429 with Retry-After."""
+
+
+class RequestTimeout(Exception):
+    """Not answered within the request timeout (queued and running): 503 with Retry-After."""
+
+
+class EngineUnavailable(Exception):
+    """Not warmed up yet, stopping, or its worker died: 503 with Retry-After."""
+
+
+class InvalidJob(ValueError):
+    """A job the engine cannot run as asked, found with what only the engine knows: 422 naming `field`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 # Every torch call of the server runs on this ONE thread. Each thread that enters torch gets its
