@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import subprocess
@@ -20,11 +21,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_subprocess(port: int | None = None, ready_within_s: float = 60.0):
-    """Yield the base URL once the server has logged its readiness; stop it afterwards."""
+def serve_subprocess(port: int | None = None, ready_within_s: float = 60.0, env: dict[str, str] | None = None):
+    """Yield the base URL once the server has logged its readiness; stop it afterwards.
+    `env`: extra environment variables (settings such as DISTILLERY_QUEUE_SIZE)."""
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
         _wait_for_line(proc, READY_LINE, ready_within_s)
         # keep draining the log so a full pipe never blocks the server
