@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from kernels.lora import (add_to_rows, check_lora_args, copy_to_rows, gather_rows, lora_apply, lora_conv2d_reference,
-                          lora_linear_reference, segments_of)
+from kernels.lora import (add_to_rows, check_lora_args, gather_rows, lora_apply, lora_conv2d_reference,
+                          lora_linear_reference, over_channels, segments_of)
 
 
 def backend(device) -> str:
@@ -25,7 +25,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=N
     """y = x W0^T + bias + per-row s (x A^T) B^T (semantics and shapes in kernels/lora.py).
 
     `segments` (kernels.segments_of(row_adapter)) and check=False are for callers that did both once;
-    `ranks` (each slot's rank within the zero-padded R) keeps the torch path batch-invariant.
+    `ranks`: each slot's rank within the zero-padded R (the torch path skips the padding).
     """
     if backend(x.device) == "triton":
         from kernels.lora_triton import lora_linear_triton  # imports triton: only when it is used
@@ -37,5 +37,5 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=N
                       segments if segments is not None else segments_of(row_adapter), ranks)
 
 
-__all__ = ["add_to_rows", "backend", "check_lora_args", "copy_to_rows", "gather_rows", "lora_apply",
-           "lora_conv2d_reference", "lora_linear", "lora_linear_reference", "segments_of"]
+__all__ = ["add_to_rows", "backend", "check_lora_args", "gather_rows", "lora_apply", "lora_conv2d_reference",
+           "lora_linear", "lora_linear_reference", "over_channels", "segments_of"]

@@ -18,8 +18,7 @@ padded with zeros to the largest rank R in the batch (zero rows/columns add noth
 from __future__ import annotations
 
 import torch
-
-from kernels import batch_invariant
+import torch.nn.functional as F
 
 
 def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> None:
@@ -58,33 +57,24 @@ def _check_bias_scales_dtypes(x, weight, bias, lora_a, lora_b, scales, shapes) -
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
 
 
-def segments_of(row_adapter: torch.Tensor, with_base: bool = False) -> list[tuple[int, slice | torch.Tensor | None]]:
-    """(slot, rows) per slot >= 0 present (and slot -1 too, `with_base`). rows: None when the slot covers
-    every row, a slice when its rows are contiguous (callers that group rows by slot get views, no
-    gathers), else an index tensor."""
-    slots = [s for s in torch.unique(row_adapter).tolist() if with_base or s >= 0]
-    if len(slots) == 1 and (with_base or torch.all(row_adapter == slots[0])):
+def segments_of(row_adapter, with_base: bool = False) -> list[tuple[int, slice | torch.Tensor | None]]:
+    """(slot, rows) per slot >= 0 present (and slot -1 too, `with_base`), in slot order. rows: None when the
+    slot covers every row, a slice when its rows are contiguous (callers that group rows by slot get views,
+    no gathers), else an index tensor. `row_adapter`: a list of ints (no device sync) or an int64 tensor."""
+    slots_of_rows = row_adapter.tolist() if isinstance(row_adapter, torch.Tensor) else list(row_adapter)
+    slots = sorted({s for s in slots_of_rows if with_base or s >= 0})
+    if len(slots) == 1 and all(s == slots[0] for s in slots_of_rows):
         return [(slots[0], None)]
     segments = []
     for s in slots:
-        rows = (row_adapter == s).nonzero().squeeze(1)
-        first, last = int(rows[0]), int(rows[-1])
-        segments.append((s, slice(first, last + 1) if last - first + 1 == rows.numel() else rows))
+        rows = [i for i, si in enumerate(slots_of_rows) if si == s]
+        first, last = rows[0], rows[-1]
+        segments.append((s, slice(first, last + 1) if last - first + 1 == len(rows) else torch.tensor(rows)))
     return segments
 
 
 def gather_rows(x: torch.Tensor, rows) -> torch.Tensor:
     return x if rows is None else x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-
-
-def copy_to_rows(y: torch.Tensor, rows, part: torch.Tensor) -> None:
-    """y[rows] = part."""
-    if rows is None:
-        y.copy_(part)
-    elif isinstance(rows, slice):
-        y[rows].copy_(part)
-    else:
-        y.index_copy_(0, rows, part)
 
 
 def add_to_rows(y: torch.Tensor, rows, delta: torch.Tensor) -> None:
@@ -94,7 +84,7 @@ def add_to_rows(y: torch.Tensor, rows, delta: torch.Tensor) -> None:
     elif isinstance(rows, slice):
         y[rows].add_(delta)
     else:
-        y.index_add_(0, rows, delta.contiguous())
+        y.index_add_(0, rows.to(y.device), delta)
 
 
 class _Shapes:
@@ -120,15 +110,19 @@ def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) ->
     """The reference's arithmetic without argument checks: the serving layers' hot path (their
     shapes were checked when the adapter was loaded).
 
-    Batch-invariant: a row's result is the same whatever else the call holds (kernels/batch_invariant.py):
-    every GEMM is row-invariant, and the LoRA term is formed apart and added with one rounding,
-    the same whether its slot covers every row or a few. `ranks` (per slot) skips the zero padding
-    of composed slots, whose length depends on the other slots (it changes small GEMMs' rounding).
+    `ranks` (per slot) skips the zero padding of composed slots.
     """
-    y = batch_invariant.linear(x, weight, bias)  # (M, [N,] N_out)
+    y = F.linear(x, weight, bias)  # (M, [N,] N_out)
     return _add_lora_terms(y, x, scales, segments, ranks if ranks is not None else [lora_a.shape[1]] * lora_a.shape[0],
-                           lambda xs, s, r: batch_invariant.linear(batch_invariant.linear(xs, lora_a[s, :r]),
-                                                                   lora_b[s, :, :r]))  # rank-r bottleneck
+                           lambda xs, s, r: F.linear(F.linear(xs, lora_a[s, :r]), lora_b[s, :, :r]))  # rank-r bottleneck
+
+
+def over_channels(x: torch.Tensor, linear) -> torch.Tensor:
+    """A linear map over the channels of (n, C, H, W): `linear` sees (n, H W, C) token rows (a 1 x 1
+    convolution is one), so 1 x 1 convolutions take the per-row LoRA op like a Linear."""
+    n, c, h, w = x.shape
+    y = linear(x.permute(0, 2, 3, 1).reshape(n, h * w, c))  # (n, H W, N)
+    return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
 def _add_lora_terms(y, x, scales, segments, ranks, term) -> torch.Tensor:
@@ -154,10 +148,10 @@ def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ran
     """
     if check:
         check_lora_conv_args(x, weight, bias, lora_a, lora_b, scales)
-    y = batch_invariant.conv2d(x, weight, bias, stride, padding, dilation)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
 
     def term(xs, s, r):  # A: a k x k conv to r channels; B: a 1 x 1 conv back
-        h = batch_invariant.conv2d(xs, lora_a[s, :r], None, stride, padding, dilation)
-        return batch_invariant.over_channels(h, lambda tokens: batch_invariant.linear(tokens, lora_b[s, :, :r]))
+        h = F.conv2d(xs, lora_a[s, :r], None, stride, padding, dilation)  # (n, r, H', W')
+        return F.conv2d(h, lora_b[s, :, :r, None, None])
 
     return _add_lora_terms(y, x, scales, segments, ranks if ranks is not None else [lora_a.shape[1]] * lora_a.shape[0], term)

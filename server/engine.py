@@ -1,10 +1,14 @@
 """The engine: owns the model, the adapters, the bounded queue, warm-up and step-level batching.
 
-A single worker loop takes every request in flight (up to `max_rows` UNet rows), runs ONE
-UNet call for all of them per iteration (rows at different timesteps, w and adapter sets),
-and admits newcomers between steps. Tensor work runs on a thread (torch releases the GIL)
-so the event loop keeps answering health checks, metrics and overflow (429) meanwhile.
-A request whose client went away or timed out is dropped at the next step.
+A single worker loop takes the requests in flight (within a budget of latent pixels per call),
+runs one step for all of them per iteration (pipeline.unet_step: one UNet call per latent shape
+in throughput mode, one per image row in deterministic mode) and admits newcomers between
+steps. Tensor work runs on one torch thread so the event loop keeps answering health checks,
+metrics and overflow (429) meanwhile. A request whose client went away or timed out is dropped
+at the next step. No request fails because of another: a failing step is retried request by
+request, and only the request that fails alone gets the error. If the worker loop itself dies,
+the engine stops being ready, answers 503, and calls `on_death` (the server exits, so the
+orchestrator restarts it).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from server.memory import MemoryTracker
 from server.metrics import Metrics
 from server.model import DiffusionModel
 from server.pipeline import Request, finish_request, generate, start_request, unet_step
-from server.registry import AdapterRegistry, AdapterSet, check_guidance
+from server.registry import AdapterRegistry, AdapterSet, check_guidance, guidance_adapter
 
 log = logging.getLogger("distillery.engine")
 
@@ -94,6 +98,7 @@ class _InFlight:
     adapters: AdapterSet
     future: asyncio.Future
     enqueued: float
+    cost: float  # native-size rows: UNet rows x latent pixels / the model's native latent pixels
     request: Request | None = None
     started: float = 0.0
     image: object = None
@@ -101,19 +106,25 @@ class _InFlight:
 
     @property
     def rows(self) -> int:  # UNet rows per step: 1 single-eval, 2 CFG
-        return 1 if any(a.single_eval for a, _ in self.adapters) else 2
+        return 1 if guidance_adapter(self.adapters) else 2
 
 
 class Engine:
-    def __init__(self, model: DiffusionModel, queue_size: int = 16, timeout_s: float = 120.0, max_rows: int = 16,
+    def __init__(self, model: DiffusionModel, queue_size: int = 16, timeout_s: float = 120.0, max_rows: float = 12,
                  adapter_budget_bytes: int | None = None, merged_cache_bytes: int | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, deterministic: bool = False, on_death=None):
+        """`max_rows`: the latent pixels of one step's calls, in rows at the model's native size (a request
+        alone always runs, whatever its size). Makes the registry, which installs the serving layers."""
         self.model = model
-        self.registry = AdapterRegistry.of(model, adapter_budget_bytes, merged_cache_bytes)
+        self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes)
         self.metrics = metrics or Metrics()
         self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
+        self.deterministic = deterministic
+        self.on_death = on_death
         self.pending: deque[_InFlight] = deque()
+        self.active: list[_InFlight] = []
         self.ready = False
+        self.dead: BaseException | None = None
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
 
@@ -137,15 +148,29 @@ class Engine:
         self.metrics.observe_registry(self.registry)
         return loaded
 
-    def resolve(self, job: Job) -> AdapterSet:
-        """The job's adapters: UnknownAdapter for an unknown name, AdapterError for an unusable set or w."""
-        chosen = tuple((self.registry.get(name), weight) for name, weight in job.adapters)
+    def resolve(self, job: Job, reload: bool = True) -> AdapterSet | None:
+        """The job's adapters: UnknownAdapter for an unknown name, AdapterError for an unusable set or w,
+        InvalidJob for a field the set rules out. reload=False (on the event loop): None if one was evicted."""
+        found = [(self.registry.get(name) if reload else self.registry.resident_or_none(name), weight)
+                 for name, weight in job.adapters]
+        if any(a is None for a, _ in found):
+            return None
+        chosen = tuple(found)
         check_guidance(chosen, job.guidance)
+        if job.negative_prompt and guidance_adapter(chosen):
+            raise InvalidJob("negative_prompt", "negative_prompt: only in cfg mode; a guidance-distilled adapter "
+                                                "samples without the unconditional branch")
         return chosen
+
+    def cost(self, job: Job, rows: int) -> float:
+        """A job's share of a step's budget, in rows at the native size (a 2x-size image counts 4x)."""
+        native = self.model.default_size
+        return rows * (job.height or native) * (job.width or native) / native**2
 
     async def start(self) -> None:
         await on_torch_thread(self.warmup)
         self._worker = asyncio.create_task(self._run())
+        self._worker.add_done_callback(self._worker_ended)
         self.ready = True
 
     async def stop(self) -> None:
@@ -156,43 +181,55 @@ class Engine:
                 await self._worker
 
     def warmup(self) -> None:
-        """One tiny generation per mode: first-call allocations and lazy inits happen before traffic."""
-        generate(self.model, ["warm-up"], [0], 0.0, steps=2)
+        """One tiny generation per mode and adapter: first-call allocations and lazy inits happen before traffic."""
+        kw = dict(registry=self.registry, deterministic=self.deterministic)
+        generate(self.model, ["warm-up"], [0], 0.0, steps=2, **kw)
         for adapter in list(self.registry.resident.values()):
-            generate(self.model, ["warm-up"], [0], adapter.meta.w_min, steps=1, adapters=((adapter, 1.0),))
+            generate(self.model, ["warm-up"], [0], adapter.meta.w_min, steps=1, adapters=((adapter, 1.0),), **kw)
 
     async def submit(self, job: Job) -> Result:
-        if all(name in self.registry.resident for name, _ in job.adapters):
-            chosen = self.resolve(job)
-        else:  # an evicted adapter is read back from disk: torch work, so on the torch thread
+        """The job's image. Raises QueueFull, RequestTimeout, EngineUnavailable, UnknownAdapter, AdapterError
+        or InvalidJob; a failure inside the request's own steps is re-raised as it happened."""
+        if not self.ready:
+            raise EngineUnavailable(f"the engine is not serving ({self._why_unavailable()}); retry later")
+        chosen = self.resolve(job, reload=False)
+        if chosen is None:  # an evicted adapter is read back from disk: on the torch thread
             chosen = await on_torch_thread(self.resolve, job)
         if len(self.pending) >= self.queue_size:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
-        item = _InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter())
+        rows = 1 if guidance_adapter(chosen) else 2
+        item = _InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter(),
+                         self.cost(job, rows))
         self.registry.acquire(chosen)  # in use from now: neither evicted nor unloaded under the request
         self.pending.append(item)
         self.metrics.queue_depth.set(len(self.pending))
         self._arrived.set()
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
+        except TimeoutError:
+            self.metrics.errors.labels("timeout").inc()
+            raise RequestTimeout(f"not answered within the request timeout of {self.timeout_s} s; retry later") from None
         finally:
             if not item.future.done():  # timed out, or the caller was cancelled (client went away)
                 item.future.cancel()
 
-    def _admit(self, active: list[_InFlight]) -> list[_InFlight]:
-        """Move pending requests in flight while their rows fit `max_rows` (one always fits); returns them."""
-        rows = sum(a.rows for a in active)
+    def _why_unavailable(self) -> str:
+        return f"its worker died: {self.dead!r}" if self.dead else "not ready"
+
+    def _admit(self) -> list[_InFlight]:
+        """Move pending requests in flight, in order, while their cost fits `max_rows` (one always fits)."""
+        used = sum(a.cost for a in self.active)
         admitted = []
-        while self.pending and (not active or rows + self.pending[0].rows <= self.max_rows):
+        while self.pending and (not self.active or used + self.pending[0].cost <= self.max_rows):
             item = self.pending.popleft()
             if item.future.cancelled():
                 self._close(item, "cancelled")
                 continue
             item.started = time.perf_counter()
-            active.append(item)
+            self.active.append(item)
             admitted.append(item)
-            rows += item.rows
+            used += item.cost
         self.metrics.queue_depth.set(len(self.pending))
         return admitted
 
@@ -209,47 +246,79 @@ class Engine:
                 failed.append((item, exc))
         return failed
 
-    def _step(self, active: list[_InFlight]) -> list[_InFlight]:
-        """One UNet call for all in flight; returns those that finished (decoded). On the torch thread."""
-        unet_step(self.model, self.registry, [a.request for a in active])
-        rows = sum(a.rows for a in active)
-        self.metrics.batch_rows.observe(rows)
-        self.metrics.unet_evaluations.inc(rows)
+    def _step(self, active: list[_InFlight]) -> tuple[list[_InFlight], list[tuple[_InFlight, Exception]]]:
+        """One step for all in flight (on the torch thread): (finished and decoded, failed). If a shared
+        UNet call fails (nothing has advanced then), each request steps alone, and only those that fail
+        alone fail."""
+        try:
+            failed = self._unet_step(active)
+        except Exception:  # noqa: BLE001 - find the request that fails alone
+            log.exception("a batched step failed; stepping its %d requests one by one", len(active))
+            failed = []
+            for a in active:
+                try:
+                    failed += self._unet_step([a])
+                except Exception as exc:  # noqa: BLE001
+                    failed.append((a, exc))
         done = []
         for a in active:
+            if any(a is f for f, _ in failed):
+                continue
             a.memory.sample()
             if a.request.sampler.done:
-                a.image = finish_request(self.model, a.request)
-                done.append(a)
-        return done
+                try:
+                    a.image = finish_request(self.model, a.request)
+                    done.append(a)
+                except Exception as exc:  # noqa: BLE001
+                    failed.append((a, exc))
+        return done, failed
+
+    def _unet_step(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
+        """unet_step over the items; returns the items whose own scheduler step failed."""
+        failed = unet_step(self.model, self.registry, [a.request for a in items], self.deterministic)
+        rows = sum(a.rows for a in items)
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.unet_evaluations.inc(rows)
+        return [(next(a for a in items if a.request is req), exc) for req, exc in failed]
 
     async def _run(self) -> None:
-        active: list[_InFlight] = []
         while True:
-            if not active and not self.pending:
+            if not self.active and not self.pending:
                 await self._arrived.wait()
                 self._arrived.clear()
-            admitted = self._admit(active)
+            admitted = self._admit()
             if admitted:
                 for item, exc in await on_torch_thread(self._start, admitted):
-                    active.remove(item)
+                    self.active.remove(item)
                     self._close(item, "error", exc)
-            for a in [a for a in active if a.future.cancelled()]:
-                active.remove(a)
+            for a in [a for a in self.active if a.future.cancelled()]:
+                self.active.remove(a)
                 self._close(a, "cancelled")
-            if not active:
+            if not self.active:
                 continue
-            try:
-                done = await on_torch_thread(self._step, active)
-            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
-                log.exception("UNet step failed")
-                for a in active:
-                    self._close(a, "error", exc)
-                active = []
-                continue
+            done, failed = await on_torch_thread(self._step, list(self.active))
+            for a, exc in failed:
+                self.active.remove(a)
+                self._close(a, "error", exc)
             for a in done:
-                active.remove(a)
+                self.active.remove(a)
                 self._close(a, "ok")
+
+    def _worker_ended(self, task: asyncio.Task) -> None:
+        """The worker loop ends only when stopped; anything else is a bug: stop serving, fail everything
+        waiting with 503, log, and let `on_death` (the server: exit) restart us cleanly."""
+        if task.cancelled():
+            return
+        self.dead = task.exception() or RuntimeError("the worker loop returned")
+        self.ready = False
+        log.critical("engine worker died; not ready from now on", exc_info=self.dead)
+        for item in self.active + list(self.pending):
+            if not item.future.done():
+                item.future.set_exception(EngineUnavailable(f"the engine's worker died: {self.dead!r}; retry later"))
+        self.active.clear()
+        self.pending.clear()
+        if self.on_death is not None:
+            self.on_death(self.dead)
 
     def _close(self, item: _InFlight, outcome: str, exc: BaseException | None = None) -> None:
         """Release the request's adapters, record it, and answer it (if anyone still waits)."""

@@ -1,14 +1,15 @@
-"""Serving-time layers of the one base UNet: rows of one UNet call may use different adapters,
-and a row's result never depends on the other rows (kernels/batch_invariant.py).
+"""Serving-time layers of the one base UNet: rows of one UNet call may use different adapters.
 
 Every nn.Linear and nn.Conv2d is wrapped once (the wrapper holds the SAME base module: W0 is
-never copied). Linear and 1 x 1 convolutions (linear over channels) route through
-`kernels.lora_linear` with the call's per-row adapter slot; k x k convolutions are
-batch-invariant convolutions with their LoRA through the torch reference
-`kernels.lora_conv2d_reference`. With merging on, each slot's rows run on its set's merged weights.
+never copied) and runs the stock batched ops (throughput mode). Linear and 1 x 1 convolutions
+(linear over channels) take their LoRA through `kernels.lora_linear` with the call's per-row
+adapter slot; k x k convolutions through the torch reference `kernels.lora_conv2d_reference`.
+A call whose rows all use one adapter set may run on that set's merged weights instead.
 `time_embedding.cond_proj` becomes a per-row w projection: rows whose set holds a
 guidance-distilled adapter get its projection, other rows get exactly zero (their timestep
 embedding is bit-identical to the plain UNet's).
+Installing them is the explicit step `AdapterRegistry(model)` takes; a model nobody serves
+adapters on is never wrapped.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kernels import add_to_rows, batch_invariant, copy_to_rows, gather_rows, lora_conv2d_reference, lora_linear
+from kernels import add_to_rows, gather_rows, lora_conv2d_reference, lora_linear, over_channels
 
 
 @dataclass
@@ -28,9 +30,8 @@ class AdapterBatch:
     row_slot: torch.Tensor  # (rows,) int64, -1 = base only
     layers: dict[str, tuple] = field(default_factory=dict)  # A (S, R, ...), B (S, N, R), scales (S,), ranks per slot
     projections: list[torch.Tensor | None] = field(default_factory=list)  # per slot: (C, E) or None
-    segments: list = field(default_factory=list)  # kernels.segments_of(row_slot), computed once per call
-    merged: list[dict[str, torch.Tensor]] | None = None  # merging on: per slot, W0 + sum s B A per layer
-    all_segments: list = field(default_factory=list)  # segments_of(row_slot, with_base=True), merging on
+    segments: list = field(default_factory=list)  # kernels.segments_of(row_slot), computed once per call on the host
+    merged: dict[str, torch.Tensor] | None = None  # every row uses one set: its W0 + sum s B A, per layer it touches
 
 
 class LoRAContext:
@@ -52,24 +53,9 @@ class _ServingLayer(nn.Module):
         if batch is None:
             return self.base_forward(x, self.base.weight)
         if batch.merged is not None:
-            return self._merged_forward(x, batch)
+            return self.base_forward(x, batch.merged.get(self.name, self.base.weight))
         lora = batch.layers.get(self.name)
         return self.base_forward(x, self.base.weight) if lora is None else self.lora_forward(x, lora, batch)
-
-    def _merged_forward(self, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
-        """Each slot's rows through its set's merged weights; base rows (and sets that leave this layer
-        alone) through W0."""
-        weights = [m.get(self.name, self.base.weight) for m in batch.merged]
-        if all(w is self.base.weight for w in weights):
-            return self.base_forward(x, self.base.weight)
-        parts = [(rows, self.base_forward(gather_rows(x, rows), self.base.weight if slot < 0 else weights[slot]))
-                 for slot, rows in batch.all_segments]
-        if len(parts) == 1:
-            return parts[0][1]
-        y = parts[0][1].new_empty((x.shape[0], *parts[0][1].shape[1:]))
-        for rows, part in parts:
-            copy_to_rows(y, rows, part)
-        return y
 
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -88,7 +74,7 @@ class ServingLinear(_ServingLayer):
         return self.base.out_features
 
     def base_forward(self, x, weight):
-        return batch_invariant.linear(x, weight, self.base.bias)
+        return F.linear(x, weight, self.base.bias)
 
     def lora_forward(self, x, lora, batch):
         lora_a, lora_b, scales, ranks = lora
@@ -106,17 +92,13 @@ class ServingConv2d(_ServingLayer):
             and base.groups == 1 and base.padding in ((0, 0), "valid")
 
     def base_forward(self, x, weight):
-        if self.pointwise:
-            return batch_invariant.over_channels(x, lambda tokens: batch_invariant.linear(tokens, weight.flatten(1),
-                                                                                          self.base.bias))
-        conv = self.base
-        return batch_invariant.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return self.base._conv_forward(x, weight, self.base.bias)
 
     def lora_forward(self, x, lora, batch):
         lora_a, lora_b, scales, ranks = lora
         conv = self.base
         if self.pointwise:
-            return batch_invariant.over_channels(x, lambda tokens: lora_linear(
+            return over_channels(x, lambda tokens: lora_linear(
                 tokens, conv.weight.flatten(1), conv.bias, lora_a, lora_b, scales, batch.row_slot,
                 segments=batch.segments, check=False, ranks=ranks))
         return lora_conv2d_reference(x, conv.weight, conv.bias, lora_a, lora_b, scales, batch.segments, ranks,
@@ -137,16 +119,21 @@ class PerRowProjection(nn.Module):
             return out
         for slot, rows in batch.segments:
             if (proj := batch.projections[slot]) is not None:
-                add_to_rows(out, rows, batch_invariant.linear(gather_rows(emb, rows), proj))  # 0 + p: exact
+                add_to_rows(out, rows, F.linear(gather_rows(emb, rows), proj))  # 0 + p: exact
         return out
 
 
+def has_serving_layers(unet) -> bool:
+    return isinstance(unet.time_embedding.cond_proj, PerRowProjection)
+
+
 def install_serving_layers(unet, context: LoRAContext) -> None:
-    """Wrap every Linear and (zero-padded, ungrouped) Conv2d once, and make cond_proj per-row."""
-    if not isinstance(unet.time_embedding.cond_proj, PerRowProjection):
-        unet.time_embedding.cond_proj = PerRowProjection(unet.time_embedding.linear_1.in_features, context)
-    if any(isinstance(m, _ServingLayer) for m in unet.modules()):
-        return
+    """Wrap every Linear and (zero-padded, ungrouped) Conv2d once, and make cond_proj per-row. One context
+    per UNet: a second registry on the same UNet would silently steer the first one's layers."""
+    if has_serving_layers(unet):
+        raise RuntimeError("this UNet already has serving layers (another AdapterRegistry serves it); "
+                           "load another copy of the model for a second registry")
+    unet.time_embedding.cond_proj = PerRowProjection(unet.time_embedding.linear_1.in_features, context)
     for name, module in list(unet.named_modules()):
         if type(module) is nn.Linear:
             unet.set_submodule(name, ServingLinear(module, name, context))

@@ -1,8 +1,10 @@
 """Text -> image: requests become samplers, samplers share UNet calls, latents become PNGs.
 
-`unet_step` is the one place that turns the rows of many samplers (any timesteps, w and
-adapter sets) into ONE UNet call; the engine calls it per step for whatever is in flight,
-and `generate` (CLI, evaluation, benchmarks) runs a fixed list of prompts through it.
+`unet_step` is the one place that turns the rows of many samplers (any timesteps, w, adapter
+sets and schedulers) into UNet calls: one per latent shape in throughput mode, one per image
+row in deterministic mode. The engine calls it per step for whatever is in flight, and
+`generate` (CLI, evaluation, benchmarks) runs a fixed list of prompts through it.
+Neither changes the model: adapters need a registry, whose making installed the serving layers.
 """
 
 from __future__ import annotations
@@ -55,24 +57,58 @@ def start_request(model: DiffusionModel, prompt: str, seed: int, guidance: float
 
 
 @torch.no_grad()
-def unet_step(model: DiffusionModel, registry: AdapterRegistry, requests: list[Request]) -> None:
-    """One denoising step for every request, in ONE UNet call over all their rows.
+def unet_step(model: DiffusionModel, registry: AdapterRegistry | None, requests: list[Request],
+              deterministic: bool = False) -> list[tuple[Request, Exception]]:
+    """One denoising step for every request; returns the requests whose own scheduler step failed.
 
-    Requests with the same adapter set are placed side by side, so each set's rows are one
-    contiguous slice (views, not gathers, in the LoRA layers); rows are batch-invariant, so the
-    order changes no result.
+    Throughput mode: one UNet call per latent shape over all its requests' rows, placed by adapter set
+    (each set's rows one contiguous slice: views, not gathers, in the LoRA layers). Deterministic mode:
+    one call per image row, whose inputs are made from the request alone, so every operation sees the
+    same shapes, layouts and values whatever else is in flight: the image's bits cannot depend on the
+    batch, on any BLAS. Every UNet call runs before any sampler advances: if one raises, no request
+    has moved and each can be stepped again.
     """
-    requests = sorted(requests, key=lambda r: set_key(r.adapters))
-    rows = [r.sampler.rows() for r in requests]
-    x = torch.cat([r.latents for r in rows])  # (rows, C, h, w)
-    t = torch.cat([r.timestep.reshape(1).expand(r.latents.shape[0]) for r in rows])  # (rows,) per-row timesteps
-    text = torch.cat([r.text for r in rows])  # (rows, T, D)
-    w_emb = guidance_embedding(torch.cat([r.guidance for r in rows])).to(x.device, x.dtype)  # (rows, E)
-    row_sets = [req.adapters for req, r in zip(requests, rows) for _ in range(r.latents.shape[0])]
+    if registry is None and any(r.adapters for r in requests):
+        raise ValueError("adapters need an AdapterRegistry (making one installs the serving layers)")
+    eps_of: list[tuple[Request, torch.Tensor]] = []
+    if deterministic:
+        for req in requests:
+            rows = req.sampler.rows()
+            eps = [_unet_call(model, registry, [rows.latents[i:i + 1].clone()], [rows.timestep.reshape(1)],
+                              [rows.text[i:i + 1].clone()], [rows.guidance[i:i + 1]], [req.adapters])
+                   for i in range(rows.latents.shape[0])]
+            eps_of.append((req, torch.cat(eps)))
+    else:
+        by_shape: dict[tuple, list[Request]] = {}
+        for req in sorted(requests, key=lambda r: set_key(r.adapters)):
+            by_shape.setdefault(tuple(req.sampler.latents.shape), []).append(req)
+        for group in by_shape.values():
+            rows = [r.sampler.rows() for r in group]
+            n = [r.latents.shape[0] for r in rows]
+            eps = _unet_call(model, registry, [r.latents for r in rows],
+                             [r.timestep.reshape(1).expand(k) for r, k in zip(rows, n)], [r.text for r in rows],
+                             [r.guidance for r in rows], [req.adapters for req, k in zip(group, n) for _ in range(k)])
+            eps_of += zip(group, eps.split(n))
+    failed = []
+    for req, eps in eps_of:
+        try:
+            req.sampler.advance(eps)
+        except Exception as exc:  # noqa: BLE001 - this request's own scheduler; the others go on
+            failed.append((req, exc))
+    return failed
+
+
+def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents, timesteps, texts, guidance,
+               row_sets: list[AdapterSet]) -> torch.Tensor:
+    """eps (rows, C, h, w) for the concatenated rows; w reaches only rows whose set has a w projection."""
+    x = torch.cat(latents)  # (rows, C, h, w)
+    t = torch.cat(timesteps)  # (rows,) per-row timesteps
+    text = torch.cat(texts)  # (rows, T, D)
+    if registry is None:  # a plain UNet: no serving layers, no w projection
+        return model.unet(x, t, encoder_hidden_states=text).sample
+    w_emb = guidance_embedding(torch.cat(guidance)).to(x.device, x.dtype)  # (rows, E)
     with registry.active(row_sets):
-        eps = model.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample  # (rows, C, h, w)
-    for req, share in zip(requests, eps.split([r.latents.shape[0] for r in rows])):
-        req.sampler.advance(share)
+        return model.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample  # (rows, C, h, w)
 
 
 @torch.no_grad()
@@ -93,14 +129,16 @@ class Generated:
 
 def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidance: float, steps: int,
              scheduler: str = "ddim", adapters: AdapterSet = (), rescale: float = 0.0,
-             height: int | None = None, width: int | None = None) -> Generated:
-    """Several prompts with the same settings, stepped together (each image as if alone)."""
-    registry = AdapterRegistry.of(model)
+             height: int | None = None, width: int | None = None, registry: AdapterRegistry | None = None,
+             deterministic: bool = False) -> Generated:
+    """Several prompts with the same settings, stepped together. Adapters need the `registry` they were
+    loaded into; without adapters the model runs as it is (a model nobody serves stays untouched)."""
     requests = [start_request(model, p, s, guidance, steps, scheduler, adapters, rescale, height, width)
                 for p, s in zip(prompts, seeds)]
     t0 = time.perf_counter()
     while not requests[0].sampler.done:
-        unet_step(model, registry, requests)
+        if failed := unet_step(model, registry, requests, deterministic):
+            raise failed[0][1]
     denoise_ms = (time.perf_counter() - t0) * 1e3
     images = [finish_request(model, r) for r in requests]
     timings = {k: sum(r.timings_ms[k] for r in requests) for k in ("text_encode", "decode")}

@@ -6,6 +6,11 @@ batch uses builds an `AdapterBatch` of views and small concatenations: nothing i
 and W0 is never copied. Internal layer keys come from the file, never from user-given
 names (peft#3780: with peft's hotswap an adapter whose name is a substring of another's
 keys can wipe it; here a name is only a dictionary key).
+
+Threads: residency (`resident`, `known`, `in_use`) is guarded by a lock held only for dict
+updates, never during file reads or merges, so the event loop (acquire, release, lookups)
+never waits on disk or torch. Compositions and merged weights are made and used on the
+torch thread only; adapters leaving bump a generation that drops them there.
 """
 
 from __future__ import annotations
@@ -120,34 +125,24 @@ def default_merged_budget(device: torch.device) -> int:
 
 
 class AdapterRegistry:
-    """Use `AdapterRegistry.of(model)`: one registry per model, since its layers point at one context."""
-
-    @classmethod
-    def of(cls, model: DiffusionModel, budget_bytes: int | None = None,
-           merged_budget_bytes: int | None = None) -> "AdapterRegistry":
-        registry = model.__dict__.get("_adapter_registry")
-        if registry is None:
-            registry = model.__dict__["_adapter_registry"] = cls(model)
-        if budget_bytes is not None:
-            registry.budget_bytes = budget_bytes
-        if merged_budget_bytes is not None:
-            registry.merged_budget_bytes = merged_budget_bytes
-        return registry
+    """The adapters served on one model. Making one installs the serving layers into its UNet: an
+    explicit step (the server's start-up, a benchmark's set-up), done once per model copy."""
 
     def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int | None = None):
         self.model = model
         self.budget_bytes = budget_bytes
+        self._generation = self._cache_generation = 0  # bumped when an adapter leaves: cached compositions go
         self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # composed per-call slots, by row pattern
         self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # W0 + sum s B A, by adapter set
-        # > 0: every set's rows run on its merged weights (W0 + BA, cached up to this many bytes; the sets
-        # of the call being run always stay); 0: per-row LoRA. Never a mix: the two round differently.
+        # > 0: a call whose rows all use one adapter set runs on that set's merged weights (W0 + BA, cached up
+        # to this many bytes; the running call's set always stays); 0: always per-row LoRA.
         self.merged_budget_bytes = default_merged_budget(model.device) if merged_budget_bytes is None else merged_budget_bytes
         self.context = LoRAContext()
         self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.known: dict[str, Path] = {}  # every registered adapter, resident or evicted
         self.in_use: Counter[str] = Counter()
         self.loads = self.evictions = 0
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         install_serving_layers(model.unet, self.context)
 
     @property
@@ -165,10 +160,12 @@ class AdapterRegistry:
 
     def load(self, name: str, folder: str | Path) -> LoadedAdapter:
         """Read, check and make resident; on any error nothing is loaded and nothing changes."""
+        if name in self.known:
+            raise AdapterError(f"an adapter named {name!r} is already registered")
+        adapter = self._read(name, Path(folder))  # disk and copies: outside the lock
         with self._lock:
             if name in self.known:
                 raise AdapterError(f"an adapter named {name!r} is already registered")
-            adapter = self._read(name, Path(folder))
             self._make_resident(adapter)
             self.known[name] = adapter.path
             return adapter
@@ -194,6 +191,7 @@ class AdapterRegistry:
         return LoadedAdapter(name, folder, files.meta, layers, proj)
 
     def _make_resident(self, adapter: LoadedAdapter) -> None:
+        """Under the lock: evict least recently used adapters not in use until `adapter` fits the budget."""
         if self.budget_bytes is not None:
             for victim in [n for n in self.resident if not self.in_use[n]]:
                 if self.resident_bytes + adapter.nbytes <= self.budget_bytes:
@@ -206,13 +204,28 @@ class AdapterRegistry:
                                    f"of {self.budget_bytes} bytes next to the adapters in use")
         self.resident[adapter.name] = adapter
 
-    def get(self, name: str) -> LoadedAdapter:
-        """A resident adapter (reloaded from disk if it was evicted), marked most recently used."""
+    def resident_or_none(self, name: str) -> LoadedAdapter | None:
+        """The adapter if it is resident (marked most recently used), None if evicted; never touches disk.
+        UnknownAdapter if no adapter has that name."""
         with self._lock:
             if name not in self.known:
                 raise UnknownAdapter(f"unknown adapter {name!r}; available: {sorted(self.known)}")
-            if name not in self.resident:
-                self._make_resident(self._read(name, self.known[name]))
+            adapter = self.resident.get(name)
+            if adapter is not None:
+                self.resident.move_to_end(name)
+            return adapter
+
+    def get(self, name: str) -> LoadedAdapter:
+        """A resident adapter, read back from disk if it was evicted (so: not on the event loop)."""
+        adapter = self.resident_or_none(name)
+        if adapter is not None:
+            return adapter
+        adapter = self._read(name, self.known[name])
+        with self._lock:
+            if name not in self.known:
+                raise UnknownAdapter(f"unknown adapter {name!r}; available: {sorted(self.known)}")
+            if name not in self.resident:  # nobody else read it back meanwhile
+                self._make_resident(adapter)
             self.resident.move_to_end(name)
             return self.resident[name]
 
@@ -227,9 +240,9 @@ class AdapterRegistry:
             self._forget_compositions()
 
     def _forget_compositions(self) -> None:
-        """Cached slots and merged weights name adapters: drop them when any adapter leaves."""
-        self._batches.clear()
-        self._merged.clear()
+        """Cached slots and merged weights name adapters: they go when any adapter leaves (dropped on the
+        torch thread, at its next `batch`)."""
+        self._generation += 1
 
     def acquire(self, chosen: AdapterSet) -> None:
         """Mark a request's adapters in use: neither evicted nor unloaded until `release`."""
@@ -241,21 +254,24 @@ class AdapterRegistry:
             self.in_use.subtract(a.name for a, _ in chosen)
 
     def batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
-        """Slots for one UNet call (cached by row pattern: steady batches and switches back cost a lookup)."""
+        """Slots for one UNet call (cached by row pattern: steady batches and switches back cost a lookup).
+        On the torch thread."""
+        if self._cache_generation != self._generation:
+            self._cache_generation = self._generation
+            self._batches.clear()
+            self._merged.clear()
         pattern = tuple(set_key(chosen) for chosen in row_sets)
-        with self._lock:
-            batch = self._batches.get(pattern)
-            if batch is None:
-                batch = self._batches[pattern] = self._build_batch(row_sets)
-                while len(self._batches) > 256:
-                    self._batches.popitem(last=False)
-            self._batches.move_to_end(pattern)
-            return batch
+        batch = self._batches.get(pattern)
+        if batch is None:
+            batch = self._batches[pattern] = self._build_batch(row_sets)
+            while len(self._batches) > 256:
+                self._batches.popitem(last=False)
+        self._batches.move_to_end(pattern)
+        return batch
 
     def _build_batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
-        """A slot per distinct non-empty set: composed by rank concatenation for the per-row LoRA op,
-        or, when merging is on, the set's merged weights (every row of a set, always: never a mix of
-        the two, whose rounding differs)."""
+        """A slot per distinct non-empty set, composed by rank concatenation for the per-row LoRA op; or,
+        when every row uses the same set and merging is on, that set's merged weights."""
         keys: dict[tuple, int] = {}
         slot_sets: list[AdapterSet] = []
         row_slot = []
@@ -268,13 +284,12 @@ class AdapterRegistry:
                 keys[key] = len(slot_sets)
                 slot_sets.append(chosen)
             row_slot.append(keys[key])
-        rows = torch.tensor(row_slot, dtype=torch.long, device=self.model.device)
-        batch = AdapterBatch(rows, segments=segments_of(rows))
+        batch = AdapterBatch(torch.tensor(row_slot, dtype=torch.long, device=self.model.device),
+                             segments=segments_of(row_slot))
         batch.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in slot_sets]
-        if self.merged_budget_bytes > 0:
-            batch.merged = [self._merged_weights(chosen) for chosen in slot_sets]
-            batch.all_segments = segments_of(rows, with_base=True)
-            self._trim_merged(keep={set_key(chosen) for chosen in slot_sets})
+        if self.merged_budget_bytes > 0 and len(slot_sets) == 1 and -1 not in row_slot:
+            batch.merged = self._merged_weights(slot_sets[0])
+            self._trim_merged(keep=set_key(slot_sets[0]))
             return batch
         for layer in {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}:
             batch.layers[layer] = self._compose_layer(layer, slot_sets)
@@ -299,12 +314,12 @@ class AdapterRegistry:
         self._merged[key] = merged
         return merged
 
-    def _trim_merged(self, keep: set[tuple]) -> None:
-        """Evict least recently used merged sets beyond the budget (never those of the call being built;
-        cached batches that point at an evicted set are dropped with it)."""
+    def _trim_merged(self, keep: tuple) -> None:
+        """Evict least recently used merged sets beyond the budget (never `keep`, the running call's; cached
+        batches that point at an evicted set are dropped with it)."""
         size = lambda m: sum(t.numel() * t.element_size() for t in m.values())  # noqa: E731
         total = sum(size(m) for m in self._merged.values())
-        for key in [k for k in self._merged if k not in keep]:
+        for key in [k for k in self._merged if k != keep]:
             if total <= self.merged_budget_bytes:
                 break
             total -= size(self._merged.pop(key))
@@ -312,9 +327,8 @@ class AdapterRegistry:
 
     def _compose_layer(self, layer: str, slot_sets: list[AdapterSet]):
         """A (S, R, K) (or (S, R, C, k, k) for a k x k conv), B (S, N, R), scales (S,): A = [A1; A2], B = [s1 B1, s2 B2],
-        zero-padded to the largest R, and each slot's own rank. Scales are always folded into B (scales = 1),
-        and the torch path multiplies each slot at its own rank: a set's rows then round the same whether
-        its slot is alone in the call or beside others."""
+        zero-padded to the largest R, and each slot's own rank (the torch path skips the padding). Scales are
+        folded into B (scales = 1)."""
         parts = [[(a.layers[layer], w * a.scale) for a, w in chosen if layer in a.layers] for chosen in slot_sets]
         if len(parts) == 1 and len(parts[0]) == 1 and parts[0][0][1] == 1.0:  # one adapter at scale 1: views, no copy
             (a, b), _ = parts[0][0]
