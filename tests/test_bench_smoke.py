@@ -23,6 +23,8 @@ def test_benchmark_quick_mode(name, tmp_path):
     assert name in proc.stdout
     figures = json.loads(results_file.read_text())[f"{name}_quick"]
     assert all(isinstance(v, (int, float)) for k, v in figures.items() if k != "environment")
+    if name == "soak":  # a load test that tolerated failures would pass a broken server
+        assert figures["ok"] > 0 and figures["failures"] == 0, proc.stdout[-3000:]
 
 
 def test_results_file_follows_the_flag_then_the_environment(tmp_path, monkeypatch, capsys):
@@ -33,13 +35,13 @@ def test_results_file_follows_the_flag_then_the_environment(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(bench_main.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     monkeypatch.setenv(bench_main.RESULTS_ENV, str(tmp_path / "env.json"))
-    bench_main.main(["swap", "throughput"])
-    bench_main.main(["swap", "throughput", "--results", str(tmp_path / "flag.json")])
+    bench_main.main(["swap", "soak"])
+    bench_main.main(["swap", "soak", "--results", str(tmp_path / "flag.json")])
     monkeypatch.delenv(bench_main.RESULTS_ENV)
-    bench_main.main(["swap", "throughput", "--quick"])
+    bench_main.main(["swap", "soak", "--quick"])
     chosen = [cmd[cmd.index("--results") + 1] for cmd in calls]
     assert chosen == [str(tmp_path / "env.json")] * 2 + [str(tmp_path / "flag.json")] * 2 + [".bench/results.json"] * 2
-    assert [cmd[3] for cmd in calls[:2]] == ["swap", "throughput"] and calls[-1][-1] == "--quick"
+    assert [cmd[3] for cmd in calls[:2]] == ["swap", "soak"] and calls[-1][-1] == "--quick"
 
     monkeypatch.setattr(bench_main.torch.cuda, "is_available", lambda: False)
     bench_main.main(["lora_kernel_gpu", "--results", str(tmp_path / "skipped.json")])
