@@ -144,22 +144,6 @@ def test_same_request_same_image_whatever_shares_its_batch(toy_model):
     assert crowd[1].mode == "single-eval" and crowd[1].unet_evaluations == 4
 
 
-def test_queue_full_is_429_with_retry_after(toy_model):
-    async def scenario():
-        engine = Engine(toy_model, queue_size=1, max_rows=2)
-        await engine.start()
-        jobs = [engine.submit(Job(prompt="x", guidance=0.0, steps=3, seed=i)) for i in range(4)]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        await engine.stop()
-        return results
-
-    from server.engine import QueueFull
-
-    results = asyncio.run(scenario())
-    assert any(isinstance(r, QueueFull) for r in results)
-    assert any(not isinstance(r, Exception) for r in results)
-
-
 def test_unloading_an_adapter_in_use_is_refused(toy_model, root):
     from server.registry import AdapterInUse, AdapterRegistry
 
