@@ -27,7 +27,7 @@ def prometheus(running_server, tmp_path):
 
 
 def test_memory_metrics_arrive_in_prometheus(prometheus, running_server):
-    httpx.post(f"{running_server}/generate", json={"prompt": "a red circle", "steps": 2}, timeout=60)
+    assert httpx.post(f"{running_server}/generate", json={"prompt": "a red circle", "steps": 2}, timeout=60).status_code == 200
     deadline = time.monotonic() + 60
     series = []
     while not series:
