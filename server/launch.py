@@ -34,7 +34,11 @@ def serve_subprocess(port: int | None = None, ready_within_s: float = 60.0, env:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # stuck in shutdown: it must not outlive the test or benchmark
+            proc.kill()
+            proc.wait(timeout=20)
 
 
 def _wait_for_line(proc: subprocess.Popen, needle: bytes, within_s: float) -> None:
