@@ -19,19 +19,21 @@ from server.registry import AdapterRegistry, LoadedAdapter
 GUIDANCE_ADAPTER = "guidance-toy"
 
 
-def toy_with_guidance_adapter() -> tuple[DiffusionModel, LoadedAdapter]:
+def toy_with_guidance_adapter() -> tuple[DiffusionModel, AdapterRegistry, LoadedAdapter]:
+    """The embedded model, served (its registry installed the serving layers), with the guidance adapter."""
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
-    adapter = AdapterRegistry.of(model).load(GUIDANCE_ADAPTER, EMBEDDED_ADAPTERS / GUIDANCE_ADAPTER)
-    return model, adapter
+    registry = AdapterRegistry(model)
+    return model, registry, registry.load(GUIDANCE_ADAPTER, EMBEDDED_ADAPTERS / GUIDANCE_ADAPTER)
 
 
-def sd15_with_adapter(folder: Path, quick: bool, kind: str, rank: int) -> tuple[DiffusionModel, LoadedAdapter]:
+def sd15_with_adapter(folder: Path, quick: bool, kind: str, rank: int) -> tuple[DiffusionModel, AdapterRegistry, LoadedAdapter]:
     """A random-weight SD-1.5-shaped UNet (quick: narrow channels) with a random adapter of `kind`, served."""
     torch.manual_seed(0)
     unet = (sd15_unet(block_out_channels=(32, 32, 64, 64)) if quick else sd15_unet()).eval().requires_grad_(False)
     model = DiffusionModel(unet, None, None, None, dict(sd15_scheduler().config), {}, unet_fingerprint(unet))
     write_random_adapter(folder / "adapter", unet, model.fingerprint, kind=kind, rank=rank, std=0.01)
-    return model, AdapterRegistry.of(model).load("sd15-" + kind, folder / "adapter")
+    registry = AdapterRegistry(model)
+    return model, registry, registry.load("sd15-" + kind, folder / "adapter")
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:

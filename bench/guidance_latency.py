@@ -20,7 +20,6 @@ from pathlib import Path
 
 from server.guidance import guidance_embedding
 from server.pipeline import Request, generate, unet_step
-from server.registry import AdapterRegistry
 from server.sampler import GuidedSampler, initial_noise, make_scheduler
 
 from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
@@ -37,10 +36,10 @@ def _count_rows(model, fn) -> int:
 
 
 def _toy(quick: bool) -> dict:
-    model, adapter = toy_with_guidance_adapter()
+    model, registry, adapter = toy_with_guidance_adapter()
     steps, rounds = (3, 2) if quick else (25, 9)
-    teacher = lambda: generate(model, [PROMPT], [0], 2.0, steps)
-    distilled = lambda: generate(model, [PROMPT], [0], 2.0, steps, adapters=[(adapter, 1.0)])
+    teacher = lambda: generate(model, [PROMPT], [0], 2.0, steps, registry=registry)
+    distilled = lambda: generate(model, [PROMPT], [0], 2.0, steps, adapters=[(adapter, 1.0)], registry=registry)
     whole = interleaved_medians({"teacher": teacher, "distilled": distilled}, rounds)
 
     # component timings, each in the configuration its sampler runs it
@@ -48,7 +47,6 @@ def _toy(quick: bool) -> dict:
     x1, x2 = torch.randn(1, *shape), torch.randn(2, *shape)
     text1, text2 = model.encode_prompts([PROMPT]), model.encode_prompts([PROMPT, ""])
     t = torch.tensor(500)
-    registry = AdapterRegistry.of(model)
 
     def unet_call(x, text, row_sets):
         with torch.no_grad(), registry.active(row_sets):
@@ -86,11 +84,10 @@ def _sd15(quick: bool) -> dict:
     """Denoising loops on an SD-1.5-shaped UNet (quick: a narrow variant of the same layout), with the
     student's LoRA merged (the CPU default) and per-row (suffix _unmerged; the CUDA default)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model, adapter = sd15_with_adapter(Path(tmp), quick, kind="guidance", rank=64)
+        model, registry, adapter = sd15_with_adapter(Path(tmp), quick, kind="guidance", rank=64)
         latent = 8 if quick else 32
         cond = torch.randn(1, 77, model.unet.config.cross_attention_dim)
         uncond = torch.randn_like(cond)
-        registry = AdapterRegistry.of(model)
 
         def run_loop(adapters: tuple, text_uncond) -> None:
             noise = initial_noise(0, (4, latent, latent), "cpu", torch.float32)

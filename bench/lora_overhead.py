@@ -18,7 +18,6 @@ import torch
 
 from distill.synthetic_adapters import write_random_adapter
 from server.guidance import guidance_embedding
-from server.registry import AdapterRegistry
 
 from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
 
@@ -33,8 +32,7 @@ def _stock_copy(unet):
     return stock
 
 
-def _ratios(model, adapter, latent: int, tokens: int, rounds: int) -> dict[str, float]:
-    registry = AdapterRegistry.of(model)
+def _ratios(model, registry, adapter, latent: int, tokens: int, rounds: int) -> dict[str, float]:
     unet = model.unet
     stock = _stock_copy(unet)
     x = torch.randn(2, unet.config.in_channels, latent, latent)
@@ -64,13 +62,12 @@ def _ratios(model, adapter, latent: int, tokens: int, rounds: int) -> dict[str, 
 
 
 def run(quick: bool = False) -> dict:
-    model, _ = toy_with_guidance_adapter()
+    model, registry, _ = toy_with_guidance_adapter()
     with tempfile.TemporaryDirectory() as tmp:
-        style = AdapterRegistry.of(model).load("style", write_random_adapter(
-            Path(tmp) / "style", model.unet, model.fingerprint, rank=16))
-        toy = _ratios(model, style, 16, model.tokenizer.model_max_length, 5 if quick else 40)
-        sd_model, sd_style = sd15_with_adapter(Path(tmp), quick, kind="style", rank=64)
-        sd = _ratios(sd_model, sd_style, 8 if quick else 64, 77, 1 if quick else 3)
+        style = registry.load("style", write_random_adapter(Path(tmp) / "style", model.unet, model.fingerprint, rank=16))
+        toy = _ratios(model, registry, style, 16, model.tokenizer.model_max_length, 5 if quick else 40)
+        sd_model, sd_registry, sd_style = sd15_with_adapter(Path(tmp), quick, kind="style", rank=64)
+        sd = _ratios(sd_model, sd_registry, sd_style, 8 if quick else 64, 77, 1 if quick else 3)
     return {"ratio_toy": toy["merged"], "ratio_toy_per_row": toy["unmerged"],
             "ratio_sd15": sd["merged"], "ratio_sd15_per_row": sd["unmerged"],
             "base_over_stock_toy": toy["stock"], "base_over_stock_sd15": sd["stock"],

@@ -17,7 +17,7 @@ from pathlib import Path
 from distill.synthetic_adapters import write_random_adapter
 from server.config import EMBEDDED_ADAPTERS
 from server.pipeline import generate
-from server.registry import AdapterRegistry, default_merged_budget
+from server.registry import default_merged_budget
 
 from bench.common import GUIDANCE_ADAPTER, sd15_with_adapter, toy_with_guidance_adapter
 
@@ -49,13 +49,11 @@ def _cold_load_ms(registry, name: str, folder: Path, repeats: int) -> float:
 def run(quick: bool = False) -> dict:
     """Both LoRA modes: merged (the CPU default) and per-row (suffix _per_row; the CUDA default)."""
     repeats = 5 if quick else 200
-    model, guidance = toy_with_guidance_adapter()
-    registry = AdapterRegistry.of(model)
+    model, registry, guidance = toy_with_guidance_adapter()
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         style = registry.load("style", write_random_adapter(Path(tmp) / "style", model.unet, model.fingerprint, rank=16))
-        sd_model, sd_adapter = sd15_with_adapter(Path(tmp) / "sd", quick, kind="style", rank=64)
-        sd_registry = AdapterRegistry.of(sd_model)
+        sd_model, sd_registry, sd_adapter = sd15_with_adapter(Path(tmp) / "sd", quick, kind="style", rank=64)
         sd_style2 = sd_registry.load("sd15-style2", write_random_adapter(
             Path(tmp) / "sd2", sd_model.unet, sd_model.fingerprint, rank=64, seed=1))
         for suffix, budget in (("", default_merged_budget(model.device)), ("_per_row", 0)):
@@ -68,7 +66,7 @@ def run(quick: bool = False) -> dict:
             steps = 3 if quick else 25
             t0 = time.perf_counter()
             for _ in range(3):
-                generate(model, ["a red circle"], [0], 2.0, steps, adapters=a)
+                generate(model, ["a red circle"], [0], 2.0, steps, adapters=a, registry=registry)
             figures["request_ms" + suffix] = (time.perf_counter() - t0) / 3 * 1e3
             figures["switch_share" + suffix] = figures["switch_ms" + suffix] / figures["request_ms" + suffix]
             sd_a, sd_b = ((sd_adapter, 1.0),), ((sd_style2, 1.0),)

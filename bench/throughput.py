@@ -1,10 +1,13 @@
-"""throughput: 8 concurrent clients with mixed adapters vs the same requests one at a time.
+"""throughput: 8 concurrent clients with mixed adapters vs the same requests one at a time, in
+both engine modes.
 
 In-process engine (step-level batching); HTTP costs are measured separately (http_overhead).
 speedup = images/s concurrent / images/s sequential; p99_over_solo = p99 latency under
 concurrency / median latency of the same requests alone. p99_floor: one UNet call over all
 the clients' rows (12: four CFG requests, four single-eval) / one over a CFG request's 2, the
 base alone: what p99_over_solo would be on this device with free LoRA and no other overhead.
+Throughput mode (the default) gives the unsuffixed figures; deterministic mode (one UNet call
+per image row) the `_deterministic` ones: its price in latency and throughput.
 """
 
 from __future__ import annotations
@@ -72,29 +75,41 @@ def _rows_cost_ratio(model, rows: int, base_rows: int, rounds: int) -> float:
     return times["crowd"] / times["solo"]
 
 
+def _mode(deterministic: bool, per_client: int, steps: int, tmp: str) -> tuple[Engine, dict]:
+    def make_engine() -> Engine:  # torch work on the engine's one torch thread (server/engine.py)
+        model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+        engine = Engine(model, queue_size=64, deterministic=deterministic)
+        engine.load_adapters_from(EMBEDDED_ADAPTERS)
+        style = write_random_adapter(Path(tmp) / f"style-{deterministic}", model.unet, model.fingerprint, rank=8)
+        engine.registry.load("style", style)
+        return engine
+
+    engine = TORCH_THREAD.submit(make_engine).result()
+
+    async def main():
+        await engine.start()
+        result = await _measure(engine, _jobs(per_client, steps))
+        await engine.stop()
+        return result
+
+    solo, crowd, sequential_s, concurrent_s = asyncio.run(main())
+    n = len(solo)
+    p99 = float(np.percentile(crowd, 99))
+    return engine, {"speedup": sequential_s / concurrent_s, "p99_over_solo": p99 / statistics.median(solo),
+                    "images_per_s_sequential": n / sequential_s, "images_per_s_concurrent": n / concurrent_s,
+                    "solo_median_ms": statistics.median(solo) * 1e3, "concurrent_p99_ms": p99 * 1e3,
+                    "concurrent_p50_ms": statistics.median(crowd) * 1e3, "requests": n}
+
+
 def run(quick: bool = False) -> dict:
     per_client, steps = (1, 3) if quick else (3, 25)
     with tempfile.TemporaryDirectory() as tmp:
-        def make_engine() -> Engine:  # torch work on the engine's one torch thread (server/engine.py)
-            model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
-            engine = Engine(model, queue_size=64, max_rows=16)
-            engine.load_adapters_from(EMBEDDED_ADAPTERS)
-            engine.registry.load("style", write_random_adapter(Path(tmp) / "style", model.unet, model.fingerprint, rank=8))
-            return engine
-
-        engine = TORCH_THREAD.submit(make_engine).result()
-
-        async def main():
-            await engine.start()
-            result = await _measure(engine, _jobs(per_client, steps))
-            await engine.stop()
-            return result
-
-        solo, crowd, sequential_s, concurrent_s = asyncio.run(main())
+        engine, figures = _mode(False, per_client, steps, tmp)
         crowd_rows = sum(1 if any(n == "guidance-toy" for n, _ in c[0].adapters) else 2 for c in _jobs(1, 1))
-        floor = TORCH_THREAD.submit(_rows_cost_ratio, engine.model, crowd_rows, 2, 3 if quick else 30).result()
-    n = len(solo)
-    return {"speedup": sequential_s / concurrent_s, "p99_floor": floor, "p99_over_solo": float(np.percentile(crowd, 99)) / statistics.median(solo),
-            "images_per_s_sequential": n / sequential_s, "images_per_s_concurrent": n / concurrent_s,
-            "solo_median_ms": statistics.median(solo) * 1e3, "concurrent_p99_ms": float(np.percentile(crowd, 99)) * 1e3,
-            "requests": n}
+        figures["p99_floor"] = TORCH_THREAD.submit(_rows_cost_ratio, engine.model, crowd_rows, 2,
+                                                   3 if quick else 30).result()
+        figures["p99_over_floor"] = figures["p99_over_solo"] / figures["p99_floor"]
+        _, deterministic = _mode(True, per_client, steps, tmp)
+    figures |= {f"{k}_deterministic": v for k, v in deterministic.items() if k != "requests"}
+    figures["solo_cost_deterministic"] = figures["solo_median_ms_deterministic"] / figures["solo_median_ms"]
+    return figures

@@ -29,10 +29,11 @@ def _generate(args) -> int:
     from server.registry import AdapterRegistry, check_guidance
 
     model = DiffusionModel.from_pretrained(args.model)
-    adapters = ()
+    adapters, registry = (), None
     try:
         if args.adapter:
-            adapter = AdapterRegistry.of(model).load(Path(args.adapter).name, args.adapter)
+            registry = AdapterRegistry(model)  # serving an adapter: install the serving layers
+            adapter = registry.load(Path(args.adapter).name, args.adapter)
             adapters = ((adapter, 1.0),)
         guidance = req.guidance if req.guidance is not None else model.defaults.get("guidance", 0.0)
         check_guidance(adapters, guidance)
@@ -40,7 +41,8 @@ def _generate(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     steps = req.steps or (adapters[0][0].meta.recommended_steps if adapters else model.defaults.get("steps", 25))
-    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=req.scheduler, adapters=adapters)
+    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=req.scheduler, adapters=adapters,
+                   registry=registry)
     out.images[0].save(args.output)
     ms = ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings_ms.items())
     print(f"wrote {args.output} ({out.mode}: w={guidance}, steps={steps}, {out.unet_evaluations} UNet evaluations, "

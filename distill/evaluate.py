@@ -19,14 +19,16 @@ def _oracle():
 
 
 def eval_images(model: DiffusionModel, n: int = 200, guidance: float = 0.0, steps: int = 25, combos=TRAIN_COMBOS,
-                batch: int = 50, scheduler: str = "ddim", rescale: float = 0.0, adapters=()) -> tuple[list[Image.Image], list]:
-    """Images for `n` fixed prompts, image i seeded with i (the same prompts and seeds every call)."""
+                batch: int = 50, scheduler: str = "ddim", rescale: float = 0.0, adapters=(),
+                registry=None) -> tuple[list[Image.Image], list]:
+    """Images for `n` fixed prompts, image i seeded with i (the same prompts and seeds every call).
+    Adapters need the registry they were loaded into; the model itself is never changed."""
     prompts = eval_prompts(n, combos)
     images = []
     for start in range(0, n, batch):
         chunk = prompts[start : start + batch]
         images += generate(model, [p for p, _, _ in chunk], list(range(start, start + len(chunk))), guidance, steps,
-                           scheduler=scheduler, rescale=rescale, adapters=adapters).images
+                           scheduler=scheduler, rescale=rescale, adapters=adapters, registry=registry).images
     return images, prompts
 
 

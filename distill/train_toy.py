@@ -49,6 +49,8 @@ class ToyTrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     eval_every: int = 1500
+    eval_prompts: int = 96  # oracle alignment tracked on this many prompts, at w = 0 and w = 2
+    eval_steps: int = 20
     seed: int = 0
 
 
@@ -178,7 +180,8 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
             ema.store(trained.parameters())
             ema.copy_to(trained.parameters())
             model = DiffusionModel(unet.eval(), vae, text_encoder.eval(), tokenizer, dict(scheduler.config), {})
-            scores = {f"w{w:g}": alignment(model, n=96, guidance=w, steps=20, batch=48) for w in (0.0, 2.0)}
+            scores = {f"w{w:g}": alignment(model, n=cfg.eval_prompts, guidance=w, steps=cfg.eval_steps,
+                                           batch=min(48, cfg.eval_prompts)) for w in (0.0, 2.0)}
             unet.train(), text_encoder.train()
             ema.restore(trained.parameters())
             history.append({"step": done, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **scores})

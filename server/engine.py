@@ -175,7 +175,7 @@ class Engine:
 
     async def stop(self) -> None:
         self.ready = False
-        if self._worker:
+        if self._worker and not self._worker.done():  # a dead worker was reported by _worker_ended
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker

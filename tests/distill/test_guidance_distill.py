@@ -81,13 +81,14 @@ def test_lora_part_loads_into_stock_diffusers_pipeline(trained_adapter, random_t
 
 def test_server_loads_adapter_and_samples_one_evaluation_per_step(trained_adapter, random_toy_folder):
     model = DiffusionModel.from_pretrained(random_toy_folder)
-    adapter = AdapterRegistry.of(model).load("guidance-toy", trained_adapter)
+    registry = AdapterRegistry(model)
+    adapter = registry.load("guidance-toy", trained_adapter)
     rows = []
     hook = model.unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
-    single = generate(model, ["a red circle"], [0], 2.0, steps=3, adapters=[(adapter, 1.0)])
+    single = generate(model, ["a red circle"], [0], 2.0, steps=3, adapters=[(adapter, 1.0)], registry=registry)
     assert rows == [1, 1, 1] and single.mode == "single-eval" and single.unet_evaluations == 3
     rows.clear()
-    cfg = generate(model, ["a red circle"], [0], 2.0, steps=3)
+    cfg = generate(model, ["a red circle"], [0], 2.0, steps=3, registry=registry)
     hook.remove()
     assert rows == [2, 2, 2] and cfg.mode == "cfg" and cfg.unet_evaluations == 6
     again = generate(model, ["a red circle"], [0], 2.0, steps=3)  # the adapter leaves no trace on the CFG path
@@ -109,7 +110,7 @@ def test_served_adapter_equals_the_peft_student_it_was_trained_as(trained_adapte
     proj.weight.data = load_file(str(trained_adapter / "guidance_projection.safetensors"))["weight"]
     peft_model.unet.time_embedding.cond_proj = proj
     served = DiffusionModel.from_pretrained(random_toy_folder)
-    registry = AdapterRegistry.of(served, merged_budget_bytes=merged_bytes)
+    registry = AdapterRegistry(served, merged_budget_bytes=merged_bytes)
     adapter = registry.load("g", trained_adapter)
     x, t, cond = _inputs(served)
     w = torch.tensor([3.0, 0.5])
@@ -132,7 +133,7 @@ def test_adapter_for_another_base_is_refused_and_nothing_is_loaded(trained_adapt
     torch.manual_seed(1)
     model.unet.load_state_dict(toy_model.build_unet().state_dict())  # same shapes, other weights
     model.fingerprint = unet_fingerprint(model.unet)
-    registry = AdapterRegistry.of(model)
+    registry = AdapterRegistry(model)
     with pytest.raises(AdapterError, match="trained on base model"):
         registry.load("guidance-toy", trained_adapter)
     assert registry.known == {} and not registry.resident
