@@ -3,7 +3,7 @@
 Four configurations of the same UNet call, interleaved: base (the served UNet, no adapter),
 LoRA merged (the set's merged copy of its layers: the serving default on CPU), LoRA per-row
 (the torch reference of the fused kernel: DISTILLERY_MERGED_CACHE_BYTES=0, and the default on
-CUDA), and stock (the same weights in an unwrapped diffusers UNet: what the batch-invariant
+CUDA), and stock (the same weights in an unwrapped diffusers UNet: what the
 serving layers cost). 2 rows (a CFG request with a style adapter). SD15: random weights, rank
 64, 64x64 latent.
 """

@@ -84,7 +84,7 @@ class ServingLinear(_ServingLayer):
 
 class ServingConv2d(_ServingLayer):
     """1 x 1 convolutions are linear over channels ((n, C, H, W) -> (n, H W, C) token rows) and take
-    the LoRA op like a Linear; k x k ones are batch-invariant convolutions with the torch LoRA reference."""
+    the LoRA op like a Linear; k x k ones take their LoRA through the torch reference."""
 
     def __init__(self, base: nn.Conv2d, name: str, context: LoRAContext):
         super().__init__(base, name, context)
