@@ -1,11 +1,13 @@
 """soak: the real server (`distillery serve`, uvicorn) under a mixed load from concurrent HTTP clients.
 
 16 clients (quick: 4) for 120 s (quick: 10 s) on loopback, each sending one request at a time:
-every allowed image size (GET /model: multiples of size_step in [size_step, 2 x native], width and
-height drawn independently from one shuffled cycle over all pairs), CFG and single-eval requests
+every allowed image size (GET /model: multiples of size_step in [size_step, 2 x native]; the
+(width, height) pairs, mostly width != height, taken in turn from one shuffled cycle over all of
+them, so a long enough run asks for each), CFG and single-eval requests
 (the guidance adapter, w within its range from GET /adapters), the three schedulers, 2-12 steps.
 A 429 is counted apart (`rejected_429`) and the client waits its Retry-After; anything else that is
-not a 200 carrying a PNG of the size and mode asked is a failure. p50/p99: latency of the 200s.
+not a 200 carrying a PNG of the size and mode asked is a failure. p50/p99: latency of the 200s
+(queue_p50/p99: the part of it they waited in the server's queue, from their X-Latency-Queue-Ms).
 rss_growth: the server's RSS (its own /metrics gauge) at the end over the RSS after the warm-up
 phase (the first 10% of the run), minus 1.
 """
@@ -43,6 +45,7 @@ class Tally:
     ok: int = 0
     rejected_429: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)  # the server's own queue time of each 200 (X-Latency-Queue-Ms)
     failures: Counter = field(default_factory=Counter)  # kind -> count
     examples: dict[str, str] = field(default_factory=dict)  # kind -> first detail seen
     sizes_ok: set[tuple[int, int]] = field(default_factory=set)
@@ -116,6 +119,8 @@ async def _client(index: int, http: httpx.AsyncClient, url: str, mix: Mix, deadl
             continue
         tally.ok += 1
         tally.latencies_ms.append(latency_ms)
+        if "x-latency-queue-ms" in resp.headers:
+            tally.queue_ms.append(float(resp.headers["x-latency-queue-ms"]))
         tally.sizes_ok.add(size)
 
 
@@ -191,6 +196,9 @@ async def _soak(url: str, clients: int, seconds: float, progress_every_s: float)
     if tally.latencies_ms:  # no 200s, no latency figures (rather than made-up ones)
         figures["p50_ms"] = float(np.percentile(tally.latencies_ms, 50))
         figures["p99_ms"] = float(np.percentile(tally.latencies_ms, 99))
+    if tally.queue_ms:  # how much of that latency was waiting to enter the batch
+        figures["queue_p50_ms"] = float(np.percentile(tally.queue_ms, 50))
+        figures["queue_p99_ms"] = float(np.percentile(tally.queue_ms, 99))
     if rss_warm and rss_end:
         figures.update(rss_start_mb=rss_start / 2**20, rss_after_warmup_mb=rss_warm / 2**20,
                        rss_end_mb=rss_end / 2**20, rss_growth=rss_end / rss_warm - 1)
