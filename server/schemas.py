@@ -1,23 +1,32 @@
-"""Request schemas shared by the HTTP API and the CLI, and readable validation errors."""
+"""Request and response schemas shared by the HTTP API and the CLI, and readable validation errors."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STEPS = 1000
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
+# A folder under the adapters root: relative, segments separated by "/", none of them empty, "." or ".."
+# (a segment may not start with "."), no control characters. What the server can check without a disk.
+ADAPTER_PATH_PATTERN = r"^[^/.\x00-\x1f\x7f][^/\x00-\x1f\x7f]*(/[^/.\x00-\x1f\x7f][^/\x00-\x1f\x7f]*)*$"
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PATTERN_HELP = {
+    ADAPTER_PATH_PATTERN: "a relative folder path under the adapters root: '/'-separated names, none empty or "
+                          "starting with '.', no control characters",
+    ADAPTER_NAME_PATTERN: "letters, digits, '.', '_' and '-', starting with a letter or digit",
+}
 
 
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                      description="Name to serve it under.")
-    path: str = Field(min_length=1, max_length=1000, description="Adapter folder, relative to the adapters root.")
+    name: str = Field(min_length=1, max_length=200, pattern=ADAPTER_NAME_PATTERN, description="Name to serve it under.")
+    path: str = Field(min_length=1, max_length=1000, pattern=ADAPTER_PATH_PATTERN,
+                      description="Adapter folder, relative to the adapters root (`DISTILLERY_ADAPTERS_ROOT`).")
 
 
 class AdapterRef(BaseModel):
@@ -31,7 +40,8 @@ class GenerateRequest(BaseModel):
     # strict: "25" is not a number of steps; forbid: a misspelt field is an error, not ignored.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(max_length=1000, description="Text prompt; empty gives an unconditional image.")
+    prompt: str = Field(max_length=1000, description="Text prompt (valid Unicode: no lone surrogates); empty gives an "
+                                                     "unconditional image.")
     negative_prompt: str | None = Field(default=None, max_length=1000,
                                         description="CFG mode only: replaces the empty prompt of the unconditional branch.")
     guidance: float | None = Field(
@@ -39,7 +49,10 @@ class GenerateRequest(BaseModel):
         description="Guidance weight w (Meng et al.): eps = (1 + w) eps(c) - w eps(empty); w = 0 is the plain "
                     "conditional model; diffusers' guidance_scale = 1 + w. Default: the model's measured best w.",
     )
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps. Default: the model's.")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS,
+                              description="Denoising steps, at most what the model's scheduler and the operator's "
+                                          "`DISTILLERY_MAX_STEPS` allow (GET /model: max_steps). Default: the model's, "
+                                          "capped likewise.")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the initial noise.")
     scheduler: Literal["ddim", "euler", "dpm"] = Field(default="ddim", description="Diffusers scheduler.")
     width: int | None = Field(default=None, ge=8, le=4096,
@@ -54,6 +67,101 @@ class GenerateRequest(BaseModel):
                     "evaluation per step at w (single-eval mode), and w must lie in its trained range; "
                     "otherwise classifier-free guidance makes two (cfg mode).",
     )
+
+    @field_validator("steps", "seed", "width", "height", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        """An integer as JSON Schema has it: 4.0 is one (JSON cannot tell them apart); "4", true and 2.5 are not."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# ---- responses (documented in the OpenAPI document; the error bodies are what every error answers)
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="The offending field, dotted for nested ones (adapters.0.weight); 'body' for "
+                                   "the whole body.")
+    message: str = Field(description="What is wrong and what is allowed.")
+    input: Any = Field(default=None, description="The value received, where there was one.")
+
+
+class InvalidFields(BaseModel):
+    """422: every invalid field, named, with the allowed range."""
+
+    detail: list[FieldError]
+
+
+class Problem(BaseModel):
+    """Any other error: what went wrong, in words."""
+
+    detail: str
+
+
+class PeakMemory(BaseModel):
+    kind: str = Field(description="cuda_allocator on a GPU, process_rss on CPU.")
+    peak_bytes: float
+
+
+class GenerateInfo(BaseModel):
+    seed: int
+    guidance: float
+    steps: int
+    mode: Literal["cfg", "single-eval"]
+    unet_evaluations: int
+    adapters: list[tuple[str, float]] = Field(description="[name, weight] pairs.")
+    latency_ms: dict[str, float] = Field(description="queue, text_encode, denoise, decode, total.")
+    peak_memory: PeakMemory
+
+
+class GenerateJSON(BaseModel):
+    image_png_base64: str
+    info: GenerateInfo
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    resident: bool
+    in_use: int
+    kind: str | None = Field(default=None, description="Resident adapters only, as the fields below.")
+    rank: int | None = None
+    bytes: int | None = None
+    recommended_steps: int | None = None
+    w_range: tuple[float, float] | None = Field(default=None, description="Guidance-distilled adapters only.")
+
+
+class AdapterList(BaseModel):
+    budget_bytes: int | None = Field(default=None, description="Resident bytes allowed; absent: no budget.")
+    resident_bytes: int
+    adapters: list[AdapterInfo]
+
+
+class AdapterLoaded(BaseModel):
+    name: str
+    kind: str
+    bytes: int
+
+
+class Unloaded(BaseModel):
+    unloaded: str
+
+
+class ModelInfo(BaseModel):
+    path: str
+    fingerprint: str
+    native_size: int
+    size_step: int
+    max_size: int = Field(description="Largest width or height: twice the native size.")
+    max_steps: int = Field(description="Most steps a request may ask for here.")
+    default_guidance: float
+    default_steps: int
+
+
+class Health(BaseModel):
+    status: Literal["alive"]
+
+
+class Readiness(BaseModel):
+    ready: bool
 
 
 def allowed_range(model: type[BaseModel], field: str) -> str | None:
@@ -92,21 +200,34 @@ def _field_owner(model: type[BaseModel], loc: list[str]) -> tuple[type[BaseModel
     return model, loc[-1] if loc else ""
 
 
-def describe_errors(model: type[BaseModel], errors: list[dict]) -> list[dict[str, Any]]:
+def describe_errors(model: type[BaseModel] | None, errors: list[dict]) -> list[dict[str, Any]]:
     """Each error (pydantic's `exc.errors()`) with the field's name, the offending value and the allowed range."""
     out = []
     for err in errors:
-        loc = [str(x) for x in err["loc"] if x != "body"]
-        owner, field = _field_owner(model, [x for x in loc if not x.isdigit()])
-        allowed = allowed_range(owner, field)
-        if err["type"] == "extra_forbidden":
+        loc = [x for x in err["loc"] if x != "body"]
+        names = [_text(str(x)) for x in loc]
+        owner, field = _field_owner(model, [str(x) for x in loc if not isinstance(x, int)]) if model else (None, "")
+        field = _text(field) or (names[-1] if names else "body")
+        allowed = allowed_range(owner, field) if owner else None
+        if err["type"] == "extra_forbidden" and owner:
             allowed = f"one of the known fields: {', '.join(owner.model_fields)}"
-        message = f"{field}: {err['msg']}" + (f" (allowed: {allowed})" if allowed else "")
-        out.append({"field": ".".join(loc) or "body", "message": message, "input": _jsonable(err.get("input"))})
+        if err["type"] == "string_unicode":  # valid JSON ("\udcff") that no tokenizer or file system can take
+            allowed = "valid Unicode text: a lone surrogate (\\ud800-\\udfff) cannot be encoded as UTF-8"
+        if err["type"] == "string_pattern_mismatch":
+            allowed = PATTERN_HELP.get((err.get("ctx") or {}).get("pattern"), allowed)
+        message = f"{field}: {_text(err['msg'])}" + (f" (allowed: {allowed})" if allowed else "")
+        out.append({"field": ".".join(names) or "body", "message": message, "input": _jsonable(err.get("input"))})
     return out
 
 
+def _text(value: str) -> str:
+    """`value` with anything UTF-8 cannot carry (lone surrogates) written as escapes: safe in any JSON answer."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         return str(value)
-    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    if isinstance(value, str):
+        return _text(value)
+    return value if isinstance(value, (int, float, bool, type(None))) else _text(repr(value))

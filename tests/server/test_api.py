@@ -1,19 +1,31 @@
-"""The HTTP API in-process: validation, defaults, PNG output, the server keeps serving."""
+"""The HTTP API in-process: validation, defaults, PNG output, errors, the OpenAPI document, the server keeps serving."""
 
 import io
 import json
+import threading
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from server import engine as engine_module
 from server.app import create_app
 from server.config import Settings
+from server.engine import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout
+from server.schemas import MAX_SEED
 
 
 @pytest.fixture(scope="module")
 def client():
-    with TestClient(create_app(Settings())) as c:
+    with TestClient(create_app(Settings(api_key=None, max_steps=None))) as c:  # whatever the environment says
+        yield c
+
+
+@pytest.fixture(scope="module")
+def capped():
+    """An operator's cap below the model's default steps (25)."""
+    with TestClient(create_app(Settings(api_key=None, max_steps=3))) as c:
         yield c
 
 
@@ -115,3 +127,163 @@ def test_unknown_adapter_is_404_listing_the_available_ones(client):
     resp = client.post("/generate", json={"prompt": "x", "steps": 2, "adapters": [{"name": "guidance"}]})
     assert resp.status_code == 404
     assert "'guidance'" in resp.json()["detail"] and "guidance-toy" in resp.json()["detail"]
+
+
+def _post_raw(client, path, raw: str):
+    return client.post(path, content=raw, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("raw, field", [
+    ('{"prompt": "\\udcff"}', "prompt"),
+    ('{"prompt": "a red \\ud800circle"}', "prompt"),
+    ('{"prompt": "x", "negative_prompt": "\\udcff"}', "negative_prompt"),
+    ('{"prompt": "x", "adapters": [{"name": "\\udcff"}]}', "adapters.0.name"),
+])
+def test_text_that_utf8_cannot_carry_is_422_naming_the_field(client, raw, field):
+    """Valid JSON (a lone surrogate escape) that no tokenizer can take: 422 saying so, not a 500."""
+    resp = _post_raw(client, "/generate", raw)
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"][0]
+    assert detail["field"] == field and "lone surrogate" in detail["message"] and "UTF-8" in detail["message"]
+    resp.content.decode("utf-8")  # the answer itself is UTF-8
+
+
+def test_malformed_bodies_are_4xx_never_500(client):
+    assert _post_raw(client, "/generate", '{"prompt": "x", "\\udcff": 1}').status_code == 422  # an odd key
+    assert client.post("/generate", content=b'{"prompt": "\xff"}',
+                       headers={"content-type": "application/json"}).status_code == 400  # not UTF-8
+    assert _post_raw(client, "/generate", "[" * 100_000 + "]" * 100_000).status_code in (400, 422)  # too deep
+    assert client.post("/generate", content="prompt=x", headers={"content-type": "text/plain"}).status_code == 422
+
+
+def test_integral_numbers_are_integers_as_in_json_schema(client):
+    resp = client.post("/generate", json={"prompt": "x", "steps": 2.0, "width": 24.0, "seed": 1e3})
+    assert resp.status_code == 200 and resp.headers["x-steps"] == "2" and resp.headers["x-seed"] == "1000"
+    assert Image.open(io.BytesIO(resp.content)).size == (24, 32)
+
+
+def test_admin_routes_are_closed_without_a_configured_key(client):
+    """No DISTILLERY_API_KEY: POST/DELETE /adapters answer 403 saying how to open them, whatever is sent."""
+    for resp in (client.post("/adapters", json={"name": "s", "path": "guidance-toy"}),
+                 client.post("/adapters", json={"name": "s", "path": "guidance-toy"}, headers={"X-API-Key": ""}),
+                 client.post("/adapters", json={"name": "s", "path": "guidance-toy"}, headers={"X-API-Key": "guess"}),
+                 client.delete("/adapters/guidance-toy", headers={"X-API-Key": "guess"})):
+        assert resp.status_code == 403 and "DISTILLERY_API_KEY" in resp.json()["detail"], resp.text
+    assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["guidance-toy"]
+
+
+def test_methods_a_path_lacks_are_405_naming_all_it_has(client):
+    resp = client.put("/adapters", json={})
+    assert resp.status_code == 405 and resp.headers["allow"] == "GET, POST"
+    assert client.get("/adapters/guidance-toy").headers["allow"] == "DELETE"
+
+
+@pytest.mark.parametrize("exc, status, retry", [
+    (QueueFull("queue is full (16 waiting); retry later"), 429, True),
+    (RequestTimeout("not answered within the request timeout of 120.0 s; retry later"), 503, True),
+    (EngineUnavailable("the engine is not serving (not ready); retry later"), 503, True),
+    (InvalidJob("negative_prompt", "negative_prompt: only in cfg mode"), 422, False),
+])
+def test_engine_exceptions_are_answered_with_their_status(client, monkeypatch, exc, status, retry):
+    async def refuse(job):
+        raise exc
+
+    monkeypatch.setattr(client.app.state.engine, "submit", refuse)
+    resp = client.post("/generate", json={"prompt": "x", "steps": 2})
+    assert resp.status_code == status, resp.text
+    if status == 422:
+        assert resp.json() == {"detail": [{"field": "negative_prompt", "message": "negative_prompt: only in cfg mode"}]}
+    else:
+        assert resp.json() == {"detail": str(exc)}
+    assert (int(resp.headers["retry-after"]) > 0) if retry else "retry-after" not in resp.headers
+
+
+def test_png_is_encoded_off_the_event_loop(client, monkeypatch):
+    threads = {}
+    submit = client.app.state.engine.submit
+
+    async def recording_submit(job):
+        threads["loop"] = threading.get_ident()
+        return await submit(job)
+
+    encode = engine_module.Result.png.fget
+
+    def recording_png(result):
+        threads["png"] = threading.get_ident()
+        return encode(result)
+
+    monkeypatch.setattr(client.app.state.engine, "submit", recording_submit)
+    monkeypatch.setattr(engine_module.Result, "png", property(recording_png))
+    _png(client.post("/generate", json={"prompt": "x", "steps": 2}))
+    assert threads["png"] != threads["loop"]
+
+
+def test_an_operators_step_cap_is_enforced_stated_and_caps_the_default(capped):
+    resp = capped.post("/generate", json={"prompt": "x", "steps": 4})
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["field"] == "steps" and "allowed: integer in [1, 3]" in resp.json()["detail"][0]["message"]
+    assert capped.post("/generate", json={"prompt": "x"}).headers["x-steps"] == "3"  # the model's 25, capped
+    info = capped.get("/model").json()
+    assert info["max_steps"] == 3 and info["default_steps"] == 3
+    props = capped.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"type": "integer", "minimum": 1, "maximum": 3}.items() <= props["steps"]["anyOf"][0].items()
+
+
+# every status each route answers, as the document lists it (tests/server/test_openapi_conformance.py checks
+# the live server against the document)
+STATUSES = {
+    ("/generate", "post"): {"200", "400", "404", "422", "429", "503"},
+    ("/adapters", "get"): {"200"},
+    ("/adapters", "post"): {"201", "400", "401", "403", "404", "409", "422"},
+    ("/adapters/{name}", "delete"): {"200", "401", "403", "404", "409"},
+    ("/model", "get"): {"200"},
+    ("/metrics", "get"): {"200"},
+    ("/healthz", "get"): {"200"},
+    ("/readyz", "get"): {"200", "503"},
+}
+
+
+def test_openapi_lists_every_status_with_its_body(client):
+    doc = client.get("/openapi.json").json()
+    ops = {(path, method): op for path, item in doc["paths"].items() for method, op in item.items()}
+    assert {k: set(op["responses"]) for k, op in ops.items()} == STATUSES
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas  # FastAPI's 422 shape is not this API's
+    for (path, method), op in ops.items():
+        for status, response in op["responses"].items():
+            assert response.get("content"), (path, method, status)
+            if status in ("401", "403", "404", "409", "400", "429", "503") and path != "/readyz":
+                assert response["content"]["application/json"]["schema"]["$ref"].endswith("/Problem")
+            if status == "422":
+                assert response["content"]["application/json"]["schema"]["$ref"].endswith("/InvalidFields")
+            if status in ("429", "503") and path == "/generate":
+                assert response["headers"]["Retry-After"]["required"] is True
+    generate = ops[("/generate", "post")]["responses"]["200"]["content"]
+    assert generate["image/png"]["schema"]["format"] == "binary"
+    assert generate["application/json"]["schema"]["$ref"].endswith("/GenerateJSON")
+    assert set(ops[("/metrics", "get")]["responses"]["200"]["content"]) == {CONTENT_TYPE_LATEST}
+    assert ops[("/readyz", "get")]["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/Readiness")
+
+
+def test_openapi_declares_the_key_on_admin_routes_only(client):
+    doc = client.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"] == {"APIKey": {
+        "type": "apiKey", "in": "header", "name": "X-API-Key", "description": doc["components"]["securitySchemes"][
+            "APIKey"]["description"]}}
+    secured = {(p, m) for p, item in doc["paths"].items() for m, op in item.items() if op.get("security")}
+    assert secured == {("/adapters", "post"), ("/adapters/{name}", "delete")}
+
+
+def test_openapi_states_the_loaded_models_limits(client):
+    props = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    model = client.get("/model").json()
+    assert model["max_steps"] == 1000 and model["size_step"] == 8 and model["max_size"] == 64
+    steps = next(b for b in props["steps"]["anyOf"] if b["type"] == "integer")
+    assert steps["minimum"] == 1 and steps["maximum"] == model["max_steps"]
+    for field in ("width", "height"):
+        size = next(b for b in props[field]["anyOf"] if b["type"] == "integer")
+        assert (size["minimum"], size["maximum"], size["multipleOf"]) == (8, 64, 8)
+    assert props["seed"]["maximum"] == MAX_SEED  # exactly: 2**63 - 1 is no float
+    path = client.get("/openapi.json").json()["components"]["schemas"]["LoadAdapterRequest"]["properties"]["path"]
+    assert "pattern" in path

@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import json
 import shutil
 
 import numpy as np
@@ -39,9 +40,13 @@ def _load(client, name, path, key=KEY):
 
 
 def test_admin_routes_need_the_key(client):
-    assert _load(client, "s", "spare/style0", key=None).status_code == 401
-    assert _load(client, "s", "spare/style0", key="wrong").status_code == 401
-    assert client.delete("/adapters/guidance-toy").status_code == 401
+    for resp in (_load(client, "s", "spare/style0", key=None), _load(client, "s", "spare/style0", key="wrong"),
+                 _load(client, "s", "spare/style0", key=KEY + "x"), client.delete("/adapters/guidance-toy"),
+                 client.delete("/adapters/guidance-toy", headers={"X-API-Key": b"\xff\xfe"})):  # not ASCII: still 401
+        assert resp.status_code == 401 and "X-API-Key" in resp.json()["detail"], resp.text
+        assert "X-API-Key" in resp.headers["www-authenticate"]
+    assert "s" not in {a["name"] for a in client.get("/adapters").json()["adapters"]}
+    assert client.get("/adapters").status_code == 200  # reading needs no key
 
 
 def test_load_compose_and_unload_a_style_adapter(client):
@@ -58,13 +63,37 @@ def test_load_compose_and_unload_a_style_adapter(client):
 
 
 @pytest.mark.parametrize(
-    "path, reason",
-    [("../..", "outside the adapters root"), ("spare", "adapter.json"), ("nowhere", "adapter.json")],
+    "name, path, status, reason",
+    [
+        ("bad", "spare", 400, "adapter.json"),  # a folder, not an adapter
+        ("bad", "escape", 400, "outside the adapters root"),  # a symlink out of the root
+        ("bad", "nowhere", 404, "no folder 'nowhere'"),
+        ("bad", "spare/style0/adapter.json", 404, "no folder"),  # a file
+        ("bad", "x" * 300, 404, "no folder"),  # longer than a file name can be
+        ("guidance-toy", "spare/style0", 409, "registered already"),
+        ("bad", "../..", 422, "relative folder path"),  # what the document's pattern rules out: 422 naming path
+        ("bad", "/etc", 422, "relative folder path"),
+        ("bad", "spare/../..", 422, "relative folder path"),
+        ("bad", "spare//style0", 422, "relative folder path"),
+        ("bad", "spare/sty\x00le0", 422, "control characters"),
+        ("bad", "spare/\udcff", 422, "lone surrogate"),
+        ("bad name", "spare/style0", 422, "letters, digits"),
+    ],
 )
-def test_bad_adapter_loads_are_400_and_change_nothing(client, path, reason):
+def test_bad_adapter_loads_are_refused_with_the_reason_and_change_nothing(client, root, tmp_path, name, path, status,
+                                                                          reason):
+    if not (root / "escape").exists():
+        shutil.copytree(root / "spare" / "style0", tmp_path / "style0")
+        (root / "escape").symlink_to(tmp_path / "style0")  # an adapter, but outside the root
     before = client.get("/adapters").json()
-    resp = _load(client, "bad", path)
-    assert resp.status_code == 400 and reason in resp.json()["detail"]
+    body = json.dumps({"name": name, "path": path})  # json.dumps: a lone surrogate is valid JSON ("\udcff")
+    resp = client.post("/adapters", content=body, headers={"X-API-Key": KEY, "content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    detail = resp.json()["detail"]
+    if status == 422:
+        assert detail[0]["field"] == ("name" if " " in name else "path") and reason in detail[0]["message"], detail
+    else:
+        assert reason in detail, detail
     assert client.get("/adapters").json() == before
     assert client.post("/generate", json={"prompt": "x", "steps": 2}).status_code == 200
 
