@@ -1,6 +1,7 @@
 """Deployment configs checked by the real tools, and each check shown to fail on a broken copy."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,10 +16,15 @@ import compose
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = Path(compose.__file__).parent / "docker-compose"  # the binary: the Python wrapper always exits 0
 K8S_CORE = ["deployment.yaml", "service.yaml", "hpa.yaml", "pvc.yaml"]
+API_KEY = "0123456789abcdef" * 4  # compose refuses to start the server without DISTILLERY_API_KEY
 
 
-def _run(*cmd, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True)
+def _run(*cmd, cwd=ROOT, api_key: str | None = API_KEY) -> subprocess.CompletedProcess:
+    """`cmd` with DISTILLERY_API_KEY set to `api_key` (None: unset), whatever this shell has."""
+    env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_API_KEY"}
+    if api_key is not None:
+        env["DISTILLERY_API_KEY"] = api_key
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, env=env)
 
 
 def _broken_copy(tmp_path, relative: str, old: str, new: str) -> Path:
@@ -41,6 +47,19 @@ def test_compose_config_is_valid_for_gpu_and_cpu_variants():
     assert "deploy" not in server and server["environment"]["DISTILLERY_DEVICE"] == "cpu"
     gpu = json.loads(_run(COMPOSE, "-f", "docker-compose.yml", "config", "--format", "json").stdout)
     assert gpu["services"]["server"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert gpu["services"]["server"]["environment"]["DISTILLERY_API_KEY"] == server["environment"]["DISTILLERY_API_KEY"] \
+        == API_KEY
+
+
+def test_compose_refuses_to_start_without_an_api_key(tmp_path):
+    """Admin routes are closed without a key (403); compose makes the operator choose one. A copy: no .env there."""
+    root = _broken_copy(tmp_path, "docker-compose.yml", "services:", "services:")  # an unchanged copy
+    for variant in (["-f", "docker-compose.yml"], ["-f", "docker-compose.yml", "-f", "deploy/docker-compose.cpu.yml"]):
+        for key in (None, ""):
+            result = _run(COMPOSE, *variant, "config", "-q", cwd=root, api_key=key)
+            assert result.returncode != 0, (variant, key)
+            assert "set DISTILLERY_API_KEY (e.g. openssl rand -hex 32)" in result.stderr, result.stderr
+        assert _run(COMPOSE, *variant, "config", "-q", cwd=root).returncode == 0
 
 
 def test_broken_compose_fails(tmp_path):
