@@ -110,11 +110,28 @@ def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) ->
     """The reference's arithmetic without argument checks: the serving layers' hot path (their
     shapes were checked when the adapter was loaded).
 
-    `ranks` (per slot) skips the zero padding of composed slots.
+    `ranks` (per slot) skips the zero padding of composed slots. Several slots in one call: every slot
+    at once (`_add_lora_all_slots`: two GEMMs and a mask instead of a loop of gathers and small GEMMs).
     """
     y = F.linear(x, weight, bias)  # (M, [N,] N_out)
+    if len(segments) > 1:
+        return _add_lora_all_slots(y, x, lora_a, lora_b, scales, segments)
     return _add_lora_terms(y, x, scales, segments, ranks if ranks is not None else [lora_a.shape[1]] * lora_a.shape[0],
                            lambda xs, s, r: F.linear(F.linear(xs, lora_a[s, :r]), lora_b[s, :, :r]))  # rank-r bottleneck
+
+
+def _add_lora_all_slots(y, x, lora_a, lora_b, scales, segments) -> torch.Tensor:
+    """y += per row: scales[s] (x A[s]^T) B[s]^T, all slots in one pass: every row is shrunk by every
+    slot's A (S R columns: cheap next to the base GEMM, R being small), the columns of other slots are
+    zeroed, and one GEMM expands with [scales[0] B[0], ..., scales[S-1] B[S-1]]."""
+    n_slots, rank, k = lora_a.shape
+    t = F.linear(x, lora_a.reshape(n_slots * rank, k))  # (M, [N,] S R)
+    keep = t.new_zeros(x.shape[0], n_slots, rank)
+    for s, rows in segments:
+        keep[rows if rows is not None else slice(None), s] = 1.0
+    t = t * keep.view(x.shape[0], *([1] * (x.dim() - 2)), n_slots * rank)
+    b = (lora_b * scales.to(lora_b)[:, None, None]).permute(1, 0, 2).reshape(lora_b.shape[1], n_slots * rank)  # (N, S R)
+    return y.add_(F.linear(t, b))
 
 
 def over_channels(x: torch.Tensor, linear) -> torch.Tensor:

@@ -16,7 +16,7 @@ class Metrics:
         self.requests = Histogram("distillery_request_latency_seconds", "Request latency from enqueue to answer",
                                   ["mode", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("distillery_queue_depth", "Requests waiting to enter the batch", registry=r)
-        self.batch_rows = Histogram("distillery_batch_rows", "UNet rows per batched call", buckets=BATCH_BUCKETS,
+        self.batch_rows = Histogram("distillery_batch_rows", "UNet rows per engine step", buckets=BATCH_BUCKETS,
                                     registry=r)
         self.unet_evaluations = Counter("distillery_unet_evaluations", "UNet rows evaluated", registry=r)
         self.memory = Gauge("distillery_device_memory_bytes", "Device memory (CUDA allocator, or process RSS on CPU)",

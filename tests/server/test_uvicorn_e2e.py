@@ -50,13 +50,22 @@ def test_client_that_goes_away_cancels_its_work(server_url):
     assert ok.status_code == 200
 
 
-def test_same_png_bytes_alone_and_among_concurrent_requests(server_url):
-    """Over the socket: a request's PNG is byte-identical whether it runs alone or beside others."""
+@pytest.fixture(scope="module")
+def deterministic_url():
+    with serve_subprocess(env={"DISTILLERY_DETERMINISTIC": "1"}) as url:
+        yield url
+
+
+def test_same_png_bytes_alone_and_among_concurrent_requests(deterministic_url):
+    """Deterministic mode, over the socket: a request's PNG is byte-identical whether it runs alone or
+    beside others (other sizes, schedulers, modes)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    server_url = deterministic_url
     probe = {"prompt": "a small red circle", "guidance": 2.0, "steps": 8, "seed": 5,
              "adapters": [{"name": "guidance-toy"}]}
-    others = [{"prompt": "a blue square", "steps": 8, "seed": s, "guidance": 1.0 + s} for s in range(3)]
+    others = [{"prompt": "a blue square", "steps": 8, "seed": s, "guidance": 1.0 + s, "width": 24 + 16 * s,
+               "scheduler": ["ddim", "euler", "dpm"][s]} for s in range(3)]
 
     def post(body):
         resp = httpx.post(f"{server_url}/generate", json=body, timeout=120)
