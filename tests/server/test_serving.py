@@ -146,18 +146,18 @@ def test_metrics_are_exposed(client):
         assert name in text, name
 
 
-def test_same_request_same_image_whatever_shares_its_batch(toy_model):
-    """Step-level batching: rows of other requests (other t, w, adapters, schedulers) leave a
+def test_same_request_same_image_whatever_shares_its_batch():
+    """Deterministic mode: requests of other t, w, adapters, schedulers and sizes in flight leave a
     request's PNG bytes exactly as they are when it runs alone."""
 
     async def scenario():
-        engine = Engine(toy_model, queue_size=16, max_rows=16)
+        engine = Engine(DiffusionModel.from_pretrained(EMBEDDED_MODEL), queue_size=16, max_rows=16, deterministic=True)
         engine.load_adapters_from(EMBEDDED_ADAPTERS)
         await engine.start()
         probes = [Job(prompt="a small red circle", guidance=2.0, steps=6, seed=7),
                   Job(prompt="a blue square", guidance=1.5, steps=5, seed=11, adapters=(("guidance-toy", 1.0),))]
         alone = [await engine.submit(p) for p in probes]
-        others = [Job(prompt="a cyan cross", guidance=1.0, steps=9, seed=1),
+        others = [Job(prompt="a cyan cross", guidance=1.0, steps=9, seed=1, height=64, width=24),
                   Job(prompt="a green square", guidance=3.0, steps=4, seed=2, adapters=(("guidance-toy", 1.0),)),
                   Job(prompt="", guidance=0.0, steps=6, seed=3, scheduler="euler")]
         crowd = await asyncio.gather(*(engine.submit(j) for j in others), *(engine.submit(p) for p in probes))
@@ -173,10 +173,10 @@ def test_same_request_same_image_whatever_shares_its_batch(toy_model):
     assert crowd[1].mode == "single-eval" and crowd[1].unet_evaluations == 4
 
 
-def test_unloading_an_adapter_in_use_is_refused(toy_model, root):
+def test_unloading_an_adapter_in_use_is_refused(root):
     from server.registry import AdapterInUse, AdapterRegistry
 
-    registry = AdapterRegistry.of(toy_model)
+    registry = AdapterRegistry(DiffusionModel.from_pretrained(EMBEDDED_MODEL))
     adapter = registry.load("held", root / "spare" / "style1")
     registry.acquire(((adapter, 1.0),))
     with pytest.raises(AdapterInUse, match="in use by 1 request"):
@@ -190,7 +190,7 @@ def test_byte_budget_evicts_least_recently_used_and_reloads_on_demand(root):
     from server.registry import AdapterRegistry
 
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)  # its own registry
-    registry = AdapterRegistry.of(model)
+    registry = AdapterRegistry(model)
     small = registry.load("small", root / "spare" / "style0")
     registry.budget_bytes = small.nbytes * 2 + 1  # style1 (rank 8) is twice style0 (rank 4): one of them fits
     registry.load("big", root / "spare" / "style1")
@@ -216,7 +216,7 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
     w0 = {n: p.data_ptr() for n, p in model.unet.named_parameters()}
     w0_values = {n: p.clone() for n, p in model.unet.named_parameters()}
-    registry = AdapterRegistry.of(model, merged_budget_bytes=0)  # the unmerged path: per-row LoRA views
+    registry = AdapterRegistry(model, merged_budget_bytes=0)  # the unmerged path: per-row LoRA views
     a = registry.load("a", root / "spare" / "style0")
     b = registry.load("b", root / "spare" / "style1")
     layer = next(iter(a.layers))
@@ -232,19 +232,19 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
     assert again[1].data_ptr() == first[1].data_ptr()
     torch.testing.assert_close(first[1][0], b.layers[layer][1] * 0.5 * b.scale)
     registry.merged_budget_bytes = 64 << 20  # merged path: W0 + BA in new tensors, W0 itself untouched
-    merged = registry.batch([((a, 1.0),)]).merged[0]
+    merged = registry.batch([((a, 1.0),)]).merged
     assert merged and all(w.data_ptr() not in w0.values() for w in merged.values())
     assert {n.replace(".base.", "."): p.data_ptr() for n, p in model.unet.named_parameters()} == w0
     for n, p in model.unet.named_parameters():
         assert torch.equal(p, w0_values[n.replace(".base.", ".")])
 
 
-def test_loading_twice_when_the_timestep_embedding_itself_is_adapted(toy_model):
+def test_loading_twice_when_the_timestep_embedding_itself_is_adapted():
     """The shipped adapter wraps time_embedding.linear_1; a second load must still read its shape."""
     from server.registry import AdapterRegistry
 
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
-    registry = AdapterRegistry.of(model)
+    registry = AdapterRegistry(model)
     registry.load("one", EMBEDDED_ADAPTERS / "guidance-toy")
     registry.load("two", EMBEDDED_ADAPTERS / "guidance-toy")
     assert model.unet.time_embedding.linear_1.in_features == 32
