@@ -174,7 +174,9 @@ async def _soak(url: str, clients: int, seconds: float, progress_every_s: float)
                 rss_warm, warm_read = await _rss_bytes(probe, url), True
             if now >= next_report and pending:
                 next_report += progress_every_s
+                rss = await _rss_bytes(probe, url)
                 print(f"soak {now - start:5.0f}/{seconds:.0f} s  requests {tally.requests}  ok {tally.ok}  "
+                      f"sizes {len(tally.sizes_ok)}  rss {rss / 2**20 if rss else float('nan'):.0f} MB  "
                       f"429 {tally.rejected_429}  failures {sum(tally.failures.values())}"
                       + ("  (no new requests; waiting for those in flight)" if now >= deadline else ""), flush=True)
         for task in tasks:

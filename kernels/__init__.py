@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from kernels.lora import (add_to_rows, check_lora_args, gather_rows, lora_apply, lora_conv2d_reference,
+from kernels.lora import (add_to_rows, check_lora_args, copy_to_rows, gather_rows, lora_apply, lora_conv2d_reference,
                           lora_linear_reference, over_channels, segments_of)
 
 
@@ -37,5 +37,5 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=N
                       segments if segments is not None else segments_of(row_adapter), ranks)
 
 
-__all__ = ["add_to_rows", "backend", "check_lora_args", "gather_rows", "lora_apply", "lora_conv2d_reference",
+__all__ = ["add_to_rows", "backend", "check_lora_args", "copy_to_rows", "gather_rows", "lora_apply", "lora_conv2d_reference",
            "lora_linear", "lora_linear_reference", "over_channels", "segments_of"]

@@ -77,6 +77,16 @@ def gather_rows(x: torch.Tensor, rows) -> torch.Tensor:
     return x if rows is None else x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
+def copy_to_rows(y: torch.Tensor, rows, part: torch.Tensor) -> None:
+    """y[rows] = part."""
+    if rows is None:
+        y.copy_(part)
+    elif isinstance(rows, slice):
+        y[rows].copy_(part)
+    else:
+        y.index_copy_(0, rows.to(y.device), part)
+
+
 def add_to_rows(y: torch.Tensor, rows, delta: torch.Tensor) -> None:
     """y[rows] += delta, one rounding per element whichever form rows take."""
     if rows is None:

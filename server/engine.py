@@ -27,7 +27,7 @@ from server.adapters import META_FILE, AdapterError
 from server.memory import MemoryTracker
 from server.metrics import Metrics
 from server.model import DiffusionModel
-from server.pipeline import Request, finish_request, generate, start_request, unet_step
+from server.pipeline import Request, encode_together, finish_requests, generate, prompts_of, start_request, unet_step
 from server.registry import AdapterRegistry, AdapterSet, check_guidance, guidance_adapter
 
 log = logging.getLogger("distillery.engine")
@@ -234,14 +234,23 @@ class Engine:
         return admitted
 
     def _start(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
-        """Encode the admitted requests' prompts and make their samplers (on the torch thread)."""
+        """Encode the admitted requests' prompts (throughput mode: in one text-encoder call) and make their
+        samplers (on the torch thread)."""
+        encoded = [None] * len(items)
+        if not self.deterministic and len(items) > 1:
+            try:
+                texts, ms = encode_together(self.model, [prompts_of(i.job.prompt, i.adapters, i.job.negative_prompt)
+                                                         for i in items])
+                encoded = [(text, ms) for text in texts]
+            except Exception:  # noqa: BLE001 - each request encodes alone below, and fails alone
+                log.exception("encoding %d prompts together failed; encoding them one by one", len(items))
         failed = []
-        for item in items:
+        for item, enc in zip(items, encoded):
             j = item.job
             try:
                 item.request = start_request(self.model, j.prompt, j.seed, j.guidance, j.steps, j.scheduler,
                                              item.adapters, height=j.height, width=j.width,
-                                             negative_prompt=j.negative_prompt)
+                                             negative_prompt=j.negative_prompt, encoded=enc)
             except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
                 failed.append((item, exc))
         return failed
@@ -260,18 +269,26 @@ class Engine:
                     failed += self._unet_step([a])
                 except Exception as exc:  # noqa: BLE001
                     failed.append((a, exc))
-        done = []
+        finished = []
         for a in active:
             if any(a is f for f, _ in failed):
                 continue
             a.memory.sample()
             if a.request.sampler.done:
+                finished.append(a)
+        try:
+            images = finish_requests(self.model, [a.request for a in finished], together=not self.deterministic)
+        except Exception:  # noqa: BLE001 - decode one by one: only a request that fails alone fails
+            images = []
+            for a in finished:
                 try:
-                    a.image = finish_request(self.model, a.request)
-                    done.append(a)
+                    images += finish_requests(self.model, [a.request])
                 except Exception as exc:  # noqa: BLE001
+                    images.append(None)
                     failed.append((a, exc))
-        return done, failed
+        for a, image in zip(finished, images):
+            a.image = image
+        return [a for a in finished if a.image is not None], failed
 
     def _unet_step(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
         """unet_step over the items; returns the items whose own scheduler step failed."""

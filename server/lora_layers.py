@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import add_to_rows, gather_rows, lora_conv2d_reference, lora_linear, over_channels
+from kernels import add_to_rows, copy_to_rows, gather_rows, lora_conv2d_reference, lora_linear, over_channels
 
 
 @dataclass
@@ -32,6 +32,10 @@ class AdapterBatch:
     projections: list[torch.Tensor | None] = field(default_factory=list)  # per slot: (C, E) or None
     segments: list = field(default_factory=list)  # kernels.segments_of(row_slot), computed once per call on the host
     merged: dict[str, torch.Tensor] | None = None  # every row uses one set: its W0 + sum s B A, per layer it touches
+    # several sets, merging on: each slot's merged weights; Linear layers run each slot's rows on them
+    # (a GEMM per slot, no LoRA FLOPs), convolutions take per-row LoRA from `layers`
+    slot_merged: list[dict[str, torch.Tensor]] | None = None
+    all_segments: list = field(default_factory=list)  # segments_of(row_slot, with_base=True) when slot_merged
 
 
 class LoRAContext:
@@ -73,6 +77,29 @@ class ServingLinear(_ServingLayer):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.context.current
+        if batch is None or batch.slot_merged is None:
+            return super().forward(x)
+        runs = _weight_runs(batch, self.name, self.base.weight)
+        if len(runs) == 1:
+            return self.base_forward(x, runs[0][1])
+        # each run of rows through its weights, written in place: one GEMM per run, no LoRA FLOPs, no copies
+        k, n, bias = x.shape[-1], self.base.out_features, self.base.bias
+        x2 = x.reshape(-1, k)  # (rows * tokens, K)
+        y = x.new_empty(*x.shape[:-1], n)
+        y2, per_row = y.view(-1, n), x2.shape[0] // x.shape[0]
+        for rows, weight in runs:
+            if isinstance(rows, slice):
+                part = slice(rows.start * per_row, rows.stop * per_row)
+                if bias is None:
+                    torch.mm(x2[part], weight.t(), out=y2[part])
+                else:
+                    torch.addmm(bias, x2[part], weight.t(), out=y2[part])
+            else:
+                copy_to_rows(y, rows, self.base_forward(gather_rows(x, rows), weight))
+        return y
+
     def base_forward(self, x, weight):
         return F.linear(x, weight, self.base.bias)
 
@@ -80,6 +107,22 @@ class ServingLinear(_ServingLayer):
         lora_a, lora_b, scales, ranks = lora
         return lora_linear(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.row_slot,
                            segments=batch.segments, check=False, ranks=ranks)
+
+
+def _weight_runs(batch: AdapterBatch, name: str, base_weight: torch.Tensor) -> list[tuple[slice | torch.Tensor | None, torch.Tensor]]:
+    """(rows, weight) for a Linear layer in a call of several sets on merged weights: adjacent segments that
+    use the same weight (base rows, sets that leave this layer alone) joined into one run."""
+    runs: list[list] = []
+    for slot, rows in batch.all_segments:
+        weight = base_weight if slot < 0 else batch.slot_merged[slot].get(name, base_weight)
+        if runs and runs[-1][1] is weight and isinstance(rows, slice) and isinstance(runs[-1][0], slice) \
+                and runs[-1][0].stop == rows.start:
+            runs[-1][0] = slice(runs[-1][0].start, rows.stop)
+        else:
+            runs.append([rows, weight])
+    if len(runs) == 1:
+        return [(None, runs[0][1])]
+    return [(rows, weight) for rows, weight in runs]
 
 
 class ServingConv2d(_ServingLayer):

@@ -38,22 +38,37 @@ class Request:
         return self.sampler.n_rows * len(self.sampler.timesteps)
 
 
+def prompts_of(prompt: str, adapters: AdapterSet, negative_prompt: str = "") -> list[str]:
+    """What a request encodes: its prompt alone (single-eval, a guidance-distilled adapter in the set) or
+    with the unconditional branch's prompt (CFG)."""
+    return [prompt] if guidance_adapter(adapters) is not None else [prompt, negative_prompt]
+
+
+def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tuple[list[torch.Tensor], float]:
+    """Every request's prompts in ONE text-encoder call (throughput mode): (per request (k, T, D), ms)."""
+    t0 = time.perf_counter()
+    text = model.encode_prompts([p for prompts in prompt_lists for p in prompts])  # (sum k, T, D)
+    return list(text.split([len(p) for p in prompt_lists])), (time.perf_counter() - t0) * 1e3
+
+
 def start_request(model: DiffusionModel, prompt: str, seed: int, guidance: float, steps: int,
                   scheduler: str = "ddim", adapters: AdapterSet = (), rescale: float = 0.0,
-                  height: int | None = None, width: int | None = None, negative_prompt: str = "") -> Request:
-    """Encode the prompt (alone: the result never depends on other requests) and make the sampler.
+                  height: int | None = None, width: int | None = None, negative_prompt: str = "",
+                  encoded: tuple[torch.Tensor, float] | None = None) -> Request:
+    """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler.
 
     A guidance-distilled adapter in `adapters` -> single-eval sampling; otherwise CFG.
     """
     single = guidance_adapter(adapters) is not None
-    t0 = time.perf_counter()
-    text = model.encode_prompts([prompt] if single else [prompt, negative_prompt])  # (1 or 2, T, D)
-    t1 = time.perf_counter()
+    if encoded is None:
+        encoded = encode_together(model, [prompts_of(prompt, adapters, negative_prompt)])
+        encoded = encoded[0][0], encoded[1]
+    text, text_ms = encoded  # (1 or 2, T, D)
     shape = model.latent_shape(height or model.default_size, width or model.default_size)
     noise = initial_noise(seed, shape, model.device, model.dtype)
     sampler = GuidedSampler(make_scheduler(scheduler, model.scheduler_config), noise, steps, guidance,
                             cond=text[:1], uncond=None if single else text[1:], rescale=rescale)
-    return Request(sampler, tuple(adapters), {"text_encode": (t1 - t0) * 1e3})
+    return Request(sampler, tuple(adapters), {"text_encode": text_ms})
 
 
 @torch.no_grad()
@@ -112,11 +127,20 @@ def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents,
 
 
 @torch.no_grad()
-def finish_request(model: DiffusionModel, request: Request) -> Image.Image:
-    t0 = time.perf_counter()
-    image = model.decode(request.sampler.latents)[0]
-    request.timings_ms["decode"] = (time.perf_counter() - t0) * 1e3
-    return image
+def finish_requests(model: DiffusionModel, requests: list[Request], together: bool = False) -> list[Image.Image]:
+    """Decode finished requests: one at a time, or (`together`, throughput mode) one VAE call per latent shape."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(tuple(r.sampler.latents.shape) if together else (i,), []).append(i)
+    images: list[Image.Image | None] = [None] * len(requests)
+    for members in groups.values():
+        t0 = time.perf_counter()
+        decoded = model.decode(torch.cat([requests[i].sampler.latents for i in members]))
+        ms = (time.perf_counter() - t0) * 1e3
+        for i, image in zip(members, decoded):
+            images[i] = image
+            requests[i].timings_ms["decode"] = ms
+    return images
 
 
 @dataclass
@@ -140,6 +164,6 @@ def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidan
         if failed := unet_step(model, registry, requests, deterministic):
             raise failed[0][1]
     denoise_ms = (time.perf_counter() - t0) * 1e3
-    images = [finish_request(model, r) for r in requests]
+    images = finish_requests(model, requests, together=not deterministic)
     timings = {k: sum(r.timings_ms[k] for r in requests) for k in ("text_encode", "decode")}
     return Generated(images, requests[0].unet_evaluations, requests[0].mode, {**timings, "denoise": denoise_ms})

@@ -26,10 +26,12 @@ from torch import nn
 
 from kernels import segments_of
 from server.adapters import AdapterError, AdapterMeta, read_adapter
-from server.lora_layers import AdapterBatch, LoRAContext, install_serving_layers
+from server.lora_layers import AdapterBatch, LoRAContext, ServingLinear, install_serving_layers
 from server.model import DiffusionModel
 
 AdapterSet = tuple[tuple["LoadedAdapter", float], ...]  # (adapter, weight) pairs
+MAX_CACHED_BATCHES = 64  # row patterns (steady batches and switches back cost a lookup)
+MAX_CACHED_COMPOSITIONS = 16  # composed slot sets: each holds zero-padded copies of its adapters' factors
 
 
 class UnknownAdapter(KeyError):
@@ -132,7 +134,8 @@ class AdapterRegistry:
         self.model = model
         self.budget_bytes = budget_bytes
         self._generation = self._cache_generation = 0  # bumped when an adapter leaves: cached compositions go
-        self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # composed per-call slots, by row pattern
+        self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # per-call slots, by row pattern
+        self._compositions: OrderedDict[tuple, dict[str, tuple]] = OrderedDict()  # composed LoRA, by slot sets
         self._merged: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # W0 + sum s B A, by adapter set
         # > 0: a call whose rows all use one adapter set runs on that set's merged weights (W0 + BA, cached up
         # to this many bytes; the running call's set always stays); 0: always per-row LoRA.
@@ -259,19 +262,21 @@ class AdapterRegistry:
         if self._cache_generation != self._generation:
             self._cache_generation = self._generation
             self._batches.clear()
+            self._compositions.clear()
             self._merged.clear()
         pattern = tuple(set_key(chosen) for chosen in row_sets)
         batch = self._batches.get(pattern)
         if batch is None:
             batch = self._batches[pattern] = self._build_batch(row_sets)
-            while len(self._batches) > 256:
+            while len(self._batches) > MAX_CACHED_BATCHES:
                 self._batches.popitem(last=False)
         self._batches.move_to_end(pattern)
         return batch
 
     def _build_batch(self, row_sets: list[AdapterSet]) -> AdapterBatch:
-        """A slot per distinct non-empty set, composed by rank concatenation for the per-row LoRA op; or,
-        when every row uses the same set and merging is on, that set's merged weights."""
+        """A slot per distinct non-empty set. Merging on: every row on one set -> that set's merged weights;
+        several sets -> Linear layers run each slot's rows on its merged weights, convolutions per-row LoRA.
+        Merging off: per-row LoRA everywhere, slots composed by rank concatenation."""
         keys: dict[tuple, int] = {}
         slot_sets: list[AdapterSet] = []
         row_slot = []
@@ -287,13 +292,29 @@ class AdapterRegistry:
         batch = AdapterBatch(torch.tensor(row_slot, dtype=torch.long, device=self.model.device),
                              segments=segments_of(row_slot))
         batch.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in slot_sets]
-        if self.merged_budget_bytes > 0 and len(slot_sets) == 1 and -1 not in row_slot:
-            batch.merged = self._merged_weights(slot_sets[0])
-            self._trim_merged(keep=set_key(slot_sets[0]))
-            return batch
-        for layer in {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}:
-            batch.layers[layer] = self._compose_layer(layer, slot_sets)
+        touched = {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}
+        if self.merged_budget_bytes > 0:
+            merged = [self._merged_weights(chosen) for chosen in slot_sets]
+            self._trim_merged(keep={set_key(chosen) for chosen in slot_sets})
+            if len(slot_sets) == 1 and -1 not in row_slot:
+                batch.merged = merged[0]
+                return batch
+            batch.slot_merged, batch.all_segments = merged, segments_of(row_slot, with_base=True)
+            touched = {layer for layer in touched if not isinstance(self.model.unet.get_submodule(layer), ServingLinear)}
+        batch.layers = self._composed(slot_sets, touched)
         return batch
+
+    def _composed(self, slot_sets: list[AdapterSet], layers: set[str]) -> dict[str, tuple]:
+        """Per-row LoRA slots for these layers, cached by the slot sets (not by the row pattern, which
+        changes with every request's arrival: compositions are the bytes worth keeping)."""
+        key = (tuple(set_key(chosen) for chosen in slot_sets), frozenset(layers))
+        composed = self._compositions.get(key)
+        if composed is None:
+            composed = self._compositions[key] = {layer: self._compose_layer(layer, slot_sets) for layer in layers}
+            while len(self._compositions) > MAX_CACHED_COMPOSITIONS:
+                self._compositions.popitem(last=False)
+        self._compositions.move_to_end(key)
+        return composed
 
     def _merged_weights(self, chosen: AdapterSet) -> dict[str, torch.Tensor]:
         """W0 + sum_i w_i s_i B_i A_i for every layer the set touches (W0 itself untouched), cached.
@@ -314,12 +335,12 @@ class AdapterRegistry:
         self._merged[key] = merged
         return merged
 
-    def _trim_merged(self, keep: tuple) -> None:
-        """Evict least recently used merged sets beyond the budget (never `keep`, the running call's; cached
-        batches that point at an evicted set are dropped with it)."""
+    def _trim_merged(self, keep: set[tuple]) -> None:
+        """Evict least recently used merged sets beyond the budget (never those in `keep`, the running call's;
+        cached batches that point at an evicted set are dropped with it)."""
         size = lambda m: sum(t.numel() * t.element_size() for t in m.values())  # noqa: E731
         total = sum(size(m) for m in self._merged.values())
-        for key in [k for k in self._merged if k != keep]:
+        for key in [k for k in self._merged if k not in keep]:
             if total <= self.merged_budget_bytes:
                 break
             total -= size(self._merged.pop(key))

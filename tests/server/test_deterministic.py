@@ -88,9 +88,13 @@ def test_deterministic_mode_runs_one_contiguous_image_row_per_unet_call(served):
     assert len(seen) > 5 and set(seen) == {(1, True, True)}
 
 
-def test_throughput_mode_batches_by_shape_and_matches_the_row_alone(served):
-    """Every size in one step: one UNet call per latent shape, each row close to the row alone."""
+@pytest.mark.parametrize("merged_bytes", [0, 64 << 20], ids=["per-row", "merged"])
+def test_throughput_mode_batches_by_shape_and_matches_the_row_alone(served, merged_bytes):
+    """Every size in one step: one UNet call per latent shape, each row close to the row alone, with
+    several adapter sets in a call (per-row LoRA of every slot at once; or each slot's rows on its merged
+    Linear weights and per-row LoRA on convolutions)."""
     model, registry, sets = served
+    registry.merged_budget_bytes = merged_bytes
     calls = []
     hook = model.unet.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     try:
@@ -101,6 +105,7 @@ def test_throughput_mode_batches_by_shape_and_matches_the_row_alone(served):
     assert len(calls) == len(shapes) == len({(4, h // 2, w // 2) for h, w in SIZES})  # one call per shape
     assert max(c[0] for c in calls) > 2  # and rows of several requests in a call
     alone = _after_steps(model, registry, 3, [], sets, 1, False)
+    registry.merged_budget_bytes = 0
     torch.testing.assert_close(shared, alone, rtol=1e-4, atol=1e-4)
 
 
