@@ -39,6 +39,7 @@ log = logging.getLogger("distillery.app")
 DISCONNECT_POLL_S = 0.05
 RETRY_AFTER_FULL_S = 1  # a full queue drains within a few UNet steps
 RETRY_AFTER_UNAVAILABLE_S = 5  # timed out, warming up, stopping or restarting: give it longer
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 256  # unless the environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY (see load())
 API_KEY_ENV = "DISTILLERY_API_KEY"
 
 
@@ -109,6 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         def load() -> Engine:  # on the torch thread, like all torch work (server/engine.py says why)
+            # oneDNN keeps a compiled primitive per convolution shape and batch size (1024 by default): with
+            # every size and batch mix in flight that held ~100 MB more after a 2-minute soak; 256 bounds it
+            # (soak rss_growth 0.107 -> 0.030, throughput unchanged). Read at the first convolution.
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
             if settings.threads:
                 torch.set_num_threads(settings.threads)
             model = DiffusionModel.from_pretrained(settings.model_path, settings.device, getattr(torch, settings.dtype))
