@@ -1,21 +1,19 @@
 """Every benchmark's quick mode runs in the suite, so none rots. Figures go to a temporary results
 file, never the repository's .bench/results.json."""
 
-import importlib
 import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from bench.__main__ import BENCHMARKS
+from bench.__main__ import BENCHMARKS, skip_reason
 
 
-@pytest.mark.parametrize("name", BENCHMARKS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.skipif(skip_reason(name) is not None,
+                                                                               reason=str(skip_reason(name))))
+                                  for name in BENCHMARKS])
 def test_benchmark_quick_mode(name, tmp_path):
-    if getattr(importlib.import_module(f"bench.{name}"), "NEEDS_CUDA", False) and not torch.cuda.is_available():
-        pytest.skip(f"{name} needs a CUDA GPU; this machine has none (nothing measured)")
     results_file = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "-m", "bench", name, "--quick", "--results", str(results_file)],
                           capture_output=True, text=True, timeout=900)
