@@ -92,6 +92,11 @@ class Result:
         return buf.getvalue()
 
 
+def rows_per_step(adapters: AdapterSet) -> int:
+    """UNet rows a request takes per step: 1 single-eval (a guidance-distilled adapter in its set), 2 CFG."""
+    return 1 if guidance_adapter(adapters) else 2
+
+
 @dataclass
 class _InFlight:
     job: Job
@@ -105,8 +110,8 @@ class _InFlight:
     memory: MemoryTracker = field(default_factory=MemoryTracker)
 
     @property
-    def rows(self) -> int:  # UNet rows per step: 1 single-eval, 2 CFG
-        return 1 if guidance_adapter(self.adapters) else 2
+    def rows(self) -> int:
+        return rows_per_step(self.adapters)
 
 
 class Engine:
@@ -198,9 +203,8 @@ class Engine:
         if len(self.pending) >= self.queue_size:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
-        rows = 1 if guidance_adapter(chosen) else 2
         item = _InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter(),
-                         self.cost(job, rows))
+                         self.cost(job, rows_per_step(chosen)))
         self.registry.acquire(chosen)  # in use from now: neither evicted nor unloaded under the request
         self.pending.append(item)
         self.metrics.queue_depth.set(len(self.pending))
