@@ -12,9 +12,7 @@ WORKDIR /app
 # Dependencies first (cached layer): torch 2.13.0 from PyPI is its CUDA build on linux x86_64.
 COPY pyproject.toml README.md ./
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install torch==2.13.0
-COPY server server
-COPY distill distill
-COPY kernels kernels
+COPY distillery distillery
 RUN /opt/venv/bin/pip install .
 COPY --chown=distillery:distillery models /models
 

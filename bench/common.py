@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from distill.sd15 import sd15_scheduler, sd15_unet
-from distill.synthetic_adapters import write_random_adapter
-from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from server.model import DiffusionModel, unet_fingerprint
-from server.registry import AdapterRegistry, LoadedAdapter
+from distillery.testing.sd15 import sd15_scheduler, sd15_unet
+from distillery.testing.synthetic_adapters import write_random_adapter
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.model import DiffusionModel, unet_fingerprint
+from distillery.adapters import AdapterRegistry, LoadedAdapter
 
 GUIDANCE_ADAPTER = "guidance-toy"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 
 CONFIGS = ("shared", "copy", "full")
 
@@ -28,7 +28,7 @@ CONFIGS = ("shared", "copy", "full")
 def _unet(scale: str, quick: bool):
     from diffusers import UNet2DConditionModel
 
-    from distill.sd15 import sd15_unet
+    from distillery.testing.sd15 import sd15_unet
 
     if scale == "toy":
         return UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL, subfolder="unet"), 64, 16, 16, 64
@@ -38,8 +38,8 @@ def _unet(scale: str, quick: bool):
 
 def _step(config: str, scale: str, quick: bool) -> int:
     """One training step of `config`; returns the process's peak RSS in bytes."""
-    from distill.guidance_distill import GuidanceDistillConfig, attach_student, distillation_step
-    from server.guidance import guidance_embedding, install_projection, new_projection
+    from distillery.distill.guidance_distill import GuidanceDistillConfig, attach_student, distillation_step
+    from distillery.sampling.guidance import guidance_embedding, install_projection, new_projection
 
     torch.manual_seed(0)
     unet, batch, latent, rank, tokens = _unet(scale, quick)

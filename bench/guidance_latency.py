@@ -18,9 +18,9 @@ import torch
 import tempfile
 from pathlib import Path
 
-from server.guidance import guidance_embedding
-from server.pipeline import Request, generate, unet_step
-from server.sampler import GuidedSampler, initial_noise, make_scheduler
+from distillery.sampling.guidance import guidance_embedding
+from distillery.sampling.pipeline import Request, generate, unet_step
+from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler
 
 from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
 

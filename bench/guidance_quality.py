@@ -5,8 +5,8 @@ Same prompts and seeds, 25 DDIM steps, w in {0, 1, 2, 3}; gaps are teacher minus
 
 from __future__ import annotations
 
-from distill.evaluate import alignment_of, eval_images, psnr
-from distill.toy_data import HELDOUT_COMBOS
+from distillery.distill.evaluate import alignment_of, eval_images, psnr
+from distillery.distill.toy_data import HELDOUT_COMBOS
 
 from bench.common import toy_with_guidance_adapter
 

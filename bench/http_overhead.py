@@ -10,10 +10,10 @@ import asyncio
 
 import httpx
 
-from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from server.engine import TORCH_THREAD, Engine, Job
-from server.launch import serve_subprocess
-from server.model import DiffusionModel
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.serving.engine import TORCH_THREAD, Engine, Job
+from distillery.testing.launch import serve_subprocess
+from distillery.model import DiffusionModel
 
 from bench.common import interleaved_medians
 
@@ -24,7 +24,7 @@ def run(quick: bool = False) -> dict:
             "adapters": [{"name": "guidance-toy"}]}
     loop = asyncio.new_event_loop()
     with serve_subprocess(ready_within_s=120) as url:
-        def make_engine() -> Engine:  # torch work on the engine's one torch thread (server/engine.py)
+        def make_engine() -> Engine:  # torch work on the engine's one torch thread (distillery/serving/engine.py)
             engine = Engine(DiffusionModel.from_pretrained(EMBEDDED_MODEL))
             engine.load_adapters_from(EMBEDDED_ADAPTERS)
             return engine

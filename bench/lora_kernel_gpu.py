@@ -18,7 +18,7 @@ def run(quick: bool = False) -> dict:
         raise RuntimeError("lora_kernel_gpu needs a CUDA GPU; this machine has none")
     import triton.testing
 
-    from kernels.lora_triton import lora_linear_triton
+    from distillery.kernels.lora_triton import lora_linear_triton
 
     figures = {}
     for m, k, n in SHAPES[:1] if quick else SHAPES:

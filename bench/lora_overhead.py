@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from distill.synthetic_adapters import write_random_adapter
-from server.guidance import guidance_embedding
+from distillery.testing.synthetic_adapters import write_random_adapter
+from distillery.sampling.guidance import guidance_embedding
 
 from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
 
@@ -42,15 +42,13 @@ def _ratios(model, registry, adapter, latent: int, tokens: int, rounds: int) -> 
     batches = {"base": None}
     for path, budget in (("unmerged", 0), ("merged", 16 << 30)):  # each composed once, outside the timing
         registry.merged_budget_bytes = budget
-        batches[path] = registry._build_batch([chosen, chosen])
+        batches[path] = registry.build_batch([chosen, chosen])
     assert batches["merged"].merged and not batches["unmerged"].merged
 
 
     def call(path):
-        registry.context.current = batches[path]
-        with torch.no_grad():
+        with registry.context.running(batches[path]), torch.no_grad():
             unet(x, t, encoder_hidden_states=text, timestep_cond=w)
-        registry.context.current = None
 
     def call_stock():
         with torch.no_grad():

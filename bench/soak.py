@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from bench.common import GUIDANCE_ADAPTER
-from distill.toy_data import COLOURS, SHAPES
-from server.launch import serve_subprocess
+from distillery.distill.toy_data import COLOURS, SHAPES
+from distillery.testing.launch import serve_subprocess
 
 SCHEDULERS = ("ddim", "euler", "dpm")
 STEPS = (2, 12)

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from distill.synthetic_adapters import write_random_adapter
-from server.config import EMBEDDED_ADAPTERS
-from server.pipeline import generate
-from server.registry import default_merged_budget
+from distillery.testing.synthetic_adapters import write_random_adapter
+from distillery.paths import EMBEDDED_ADAPTERS
+from distillery.sampling.pipeline import generate
+from distillery.adapters import default_merged_budget
 
 from bench.common import GUIDANCE_ADAPTER, sd15_with_adapter, toy_with_guidance_adapter
 
@@ -28,7 +28,7 @@ def _switch_ms(registry, set_a, set_b, rows: int, repeats: int, first: bool = Fa
     for _ in range(repeats):
         for chosen in (set_a, set_b):
             if first:
-                registry._forget_compositions()
+                registry.forget_cached()
             t0 = time.perf_counter()
             with registry.active([chosen] * rows):
                 pass

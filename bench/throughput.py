@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.synthetic_adapters import write_random_adapter
-from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from server.engine import TORCH_THREAD, Engine, Job
-from server.model import DiffusionModel
+from distillery.testing.synthetic_adapters import write_random_adapter
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.serving.engine import TORCH_THREAD, Engine, Job
+from distillery.model import DiffusionModel
 
 from bench.common import interleaved_medians
 
@@ -77,7 +77,7 @@ def _unet_times(model, row_counts: set[int], rounds: int) -> dict[int, float]:
 
 
 def _mode(deterministic: bool, per_client: int, steps: int, tmp: str) -> tuple[Engine, dict]:
-    def make_engine() -> Engine:  # torch work on the engine's one torch thread (server/engine.py)
+    def make_engine() -> Engine:  # torch work on the engine's one torch thread (distillery/serving/engine.py)
         model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
         engine = Engine(model, queue_size=64, deterministic=deterministic)
         engine.load_adapters_from(EMBEDDED_ADAPTERS)

@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from distill.evaluate import alignment
-from distill.toy_data import HELDOUT_COMBOS
-from server.config import EMBEDDED_MODEL
-from server.model import DEFAULTS_FILE, DiffusionModel
+from distillery.distill.evaluate import alignment
+from distillery.distill.toy_data import HELDOUT_COMBOS
+from distillery.paths import EMBEDDED_MODEL
+from distillery.model import DEFAULTS_FILE, DiffusionModel
 
 WEIGHTS = (0, 1, 2, 3, 5)
 

@@ -11,9 +11,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("DISTILLERY_TEST_THREADS", "2")))
 
-from server.config import EMBEDDED_MODEL  # noqa: E402
-from server.launch import serve_subprocess  # noqa: E402
-from server.model import DiffusionModel  # noqa: E402
+from distillery.paths import EMBEDDED_MODEL  # noqa: E402
+from distillery.testing.launch import serve_subprocess  # noqa: E402
+from distillery.model import DiffusionModel  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def random_toy_folder(tmp_path_factory):
     """The toy architecture with random weights: for mechanics that need no trained model."""
     from diffusers import StableDiffusionPipeline
 
-    from distill import toy_model
+    from distillery.distill import toy_model
 
     torch.manual_seed(0)
     tokenizer = toy_model.build_tokenizer()

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from server.launch import free_port
+from distillery.testing.launch import free_port
 
 
 @pytest.fixture

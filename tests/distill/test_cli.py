@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from distill.cli import main
+from distillery.cli import main
 
 
 def test_generate_writes_png(tmp_path):

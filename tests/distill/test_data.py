@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from distill.data import ImageCaptionFolder, image_caption_loader
+from distillery.distill.data import ImageCaptionFolder, image_caption_loader
 
 
 def _folder(tmp_path, entries):

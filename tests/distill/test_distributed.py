@@ -10,7 +10,7 @@ def test_two_processes_hold_the_same_adapter(random_toy_folder, tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     # --multi_gpu on a machine without one: torchrun starts the 2 processes, accelerate picks MULTI_CPU + gloo
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill.cli", "distill-guidance",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distillery.cli", "distill-guidance",
            "--model", str(random_toy_folder), "--data", "toy:64", "--steps", "3", "--batch", "4", "--rank", "4",
            "--out", str(tmp_path / "adapter"), "--work", str(tmp_path / "work"), "--checkpoint-every", "100"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1",

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from distill.guidance_distill import GuidanceDistillConfig, attach_student, distill_guidance
-from server.adapters import AdapterError
-from server.guidance import guidance_embedding
-from distill import toy_model
-from server.model import DiffusionModel, unet_fingerprint
-from server.pipeline import generate
-from server.registry import AdapterRegistry
+from distillery.distill.guidance_distill import GuidanceDistillConfig, attach_student, distill_guidance
+from distillery.adapters import AdapterError
+from distillery.sampling.guidance import guidance_embedding
+from distillery.distill import toy_model
+from distillery.model import DiffusionModel, unet_fingerprint
+from distillery.sampling.pipeline import generate
+from distillery.adapters import AdapterRegistry
 
 
 def _inputs(model, b=2):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import lora_linear_reference
+from distillery.kernels import lora_linear_reference
 
 
 def _case(m=7, k=12, n=10, s=3, r=4, tokens=None, dtype=torch.float32):

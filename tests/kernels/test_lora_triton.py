@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import lora_linear_reference
-from kernels.lora_triton import lora_linear_triton
+from distillery.kernels import lora_linear_reference
+from distillery.kernels.lora_triton import lora_linear_triton
 
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2),
              torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}

@@ -10,10 +10,10 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import engine as engine_module
-from server.app import create_app
-from server.config import Settings
-from server.engine import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout
-from server.schemas import MAX_SEED
+from distillery.serving.app import create_app
+from distillery.serving.config import Settings
+from distillery.serving.engine import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout
+from distillery.serving.schemas import MAX_SEED
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import random
 import pytest
 import torch
 
-from distill.synthetic_adapters import write_random_adapter
-from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from server.guidance import guidance_embedding
-from server.model import DiffusionModel
-from server.pipeline import start_request, unet_step
-from server.registry import AdapterRegistry
+from distillery.testing.synthetic_adapters import write_random_adapter
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.sampling.guidance import guidance_embedding
+from distillery.model import DiffusionModel
+from distillery.sampling.pipeline import start_request, unet_step
+from distillery.adapters import AdapterRegistry
 
 CONV_TARGETS = ["to_q", "to_v", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "time_emb_proj",
                 "downsamplers.0.conv", "upsamplers.0.conv"]

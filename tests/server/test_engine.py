@@ -10,10 +10,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from server import engine as engine_module
-from server.app import create_app
-from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL, Settings
-from server.engine import Engine, EngineUnavailable, Job, RequestTimeout
-from server.model import DiffusionModel
+from distillery.serving.app import create_app
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.serving.config import Settings
+from distillery.serving.engine import Engine, EngineUnavailable, Job, RequestTimeout
+from distillery.model import DiffusionModel
 
 
 def _engine(**kw) -> Engine:

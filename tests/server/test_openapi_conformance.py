@@ -14,8 +14,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from server.config import EMBEDDED_ADAPTERS
-from server.launch import serve_subprocess
+from distillery.paths import EMBEDDED_ADAPTERS
+from distillery.testing.launch import serve_subprocess
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 KEY = secrets.token_hex(16)

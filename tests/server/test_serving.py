@@ -11,11 +11,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from distill.synthetic_adapters import write_random_adapter
-from server.app import create_app
-from server.config import EMBEDDED_ADAPTERS, EMBEDDED_MODEL, Settings
-from server.engine import Engine, Job
-from server.model import DiffusionModel
+from distillery.testing.synthetic_adapters import write_random_adapter
+from distillery.serving.app import create_app
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.serving.config import Settings
+from distillery.serving.engine import Engine, Job
+from distillery.model import DiffusionModel
 
 KEY = "s3cret"
 
@@ -174,7 +175,7 @@ def test_same_request_same_image_whatever_shares_its_batch():
 
 
 def test_unloading_an_adapter_in_use_is_refused(root):
-    from server.registry import AdapterInUse, AdapterRegistry
+    from distillery.adapters import AdapterInUse, AdapterRegistry
 
     registry = AdapterRegistry(DiffusionModel.from_pretrained(EMBEDDED_MODEL))
     adapter = registry.load("held", root / "spare" / "style1")
@@ -187,7 +188,7 @@ def test_unloading_an_adapter_in_use_is_refused(root):
 
 
 def test_byte_budget_evicts_least_recently_used_and_reloads_on_demand(root):
-    from server.registry import AdapterRegistry
+    from distillery.adapters import AdapterRegistry
 
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)  # its own registry
     registry = AdapterRegistry(model)
@@ -211,7 +212,7 @@ def test_two_guidance_adapters_in_one_request_is_422(client, root, toy_model):
 
 
 def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
-    from server.registry import AdapterRegistry
+    from distillery.adapters import AdapterRegistry
 
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
     w0 = {n: p.data_ptr() for n, p in model.unet.named_parameters()}
@@ -241,7 +242,7 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
 
 def test_loading_twice_when_the_timestep_embedding_itself_is_adapted():
     """The shipped adapter wraps time_embedding.linear_1; a second load must still read its shape."""
-    from server.registry import AdapterRegistry
+    from distillery.adapters import AdapterRegistry
 
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
     registry = AdapterRegistry(model)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server.launch import serve_subprocess
+from distillery.testing.launch import serve_subprocess
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

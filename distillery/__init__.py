@@ -1,0 +1,1 @@
+"""distillery: a server for distilled diffusion models, and the distillers that make its adapters."""

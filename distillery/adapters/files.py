@@ -1,0 +1,106 @@
+"""The adapter folder format, shared by the distillers (writing) and the server (reading).
+
+    <adapter>/pytorch_lora_weights.safetensors   LoRA, diffusers/peft format ("unet." keys):
+                                                 stock diffusers `load_lora_weights` loads it
+    <adapter>/guidance_projection.safetensors    the w projection ("weight": (C, E)), guidance kind only
+    <adapter>/adapter.json                       AdapterMeta
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PROJECTION_FILE = "guidance_projection.safetensors"
+META_FILE = "adapter.json"
+KINDS = ("guidance", "style")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used: wrong base, bad files, unsafe path. The message says why."""
+
+
+@dataclass
+class AdapterMeta:
+    kind: str  # "guidance": single-evaluation guided sampling; "style": a plain LoRA
+    base_fingerprint: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    w_min: float = 0.0
+    w_max: float = 0.0
+    embedding_dim: int = 0
+    recommended_scheduler: str = "ddim"
+    recommended_steps: int = 25
+    training: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> "AdapterMeta":
+        path = Path(folder) / META_FILE
+        try:
+            raw = json.loads(path.read_text())
+            meta = cls(**raw)
+        except FileNotFoundError:
+            raise AdapterError(f"{path} not found: an adapter folder needs {META_FILE}") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise AdapterError(f"{path} is not valid adapter metadata: {exc}") from None
+        if meta.kind not in KINDS:
+            raise AdapterError(f"{path}: kind must be one of {KINDS}, got {meta.kind!r}")
+        return meta
+
+
+def save_adapter(folder: Path, unet, adapter_name: str, meta: AdapterMeta, projection: nn.Linear | None) -> None:
+    """Write a peft-wrapped UNet's adapter `adapter_name` (diffusers' own LoRA writer) and its metadata."""
+    from diffusers import StableDiffusionPipeline  # the writers: distillers only, not the server's start-up
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers={k: v.detach().float().contiguous() for k, v in lora.items()},
+                                              safe_serialization=True)
+    if projection is not None:
+        save_file({"weight": projection.weight.detach().float().contiguous()}, str(folder / PROJECTION_FILE))
+    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=1) + "\n")
+
+
+@dataclass
+class AdapterFiles:
+    meta: AdapterMeta
+    lora: dict[str, torch.Tensor]  # "unet."-prefixed peft keys
+    projection: torch.Tensor | None  # (C, E)
+
+
+def read_adapter(folder: Path, base_fingerprint: str) -> AdapterFiles:
+    """Read and check an adapter folder; refuses a different base, non-safetensors or corrupt files."""
+    folder = Path(folder)
+    meta = AdapterMeta.read(folder)
+    if meta.base_fingerprint != base_fingerprint:
+        raise AdapterError(f"adapter {folder.name!r} was trained on base model {meta.base_fingerprint}, but the loaded "
+                           f"base is {base_fingerprint}; retrain it on this base or load the base it was made for")
+    lora = _load_safetensors(folder / LORA_FILE)
+    if not lora or not all(k.startswith("unet.") and "lora" in k for k in lora):
+        raise AdapterError(f"{folder / LORA_FILE} holds no UNet LoRA weights in diffusers format")
+    projection = None
+    if meta.kind == "guidance":
+        projection = _load_safetensors(folder / PROJECTION_FILE).get("weight")
+        if projection is None or projection.shape[1] != meta.embedding_dim:
+            raise AdapterError(f"{folder / PROJECTION_FILE}: expected 'weight' of shape (C, {meta.embedding_dim})")
+    return AdapterFiles(meta, lora, projection)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterError(f"{path} not found (adapters are safetensors files only)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path} is not a readable safetensors file: {exc}") from None

@@ -1,0 +1,193 @@
+"""Serving-time layers of the one base UNet: rows of one UNet call may use different adapters.
+
+Every nn.Linear and nn.Conv2d is wrapped once (the wrapper holds the SAME base module: W0 is
+never copied) and runs the stock batched ops (throughput mode). Linear and 1 x 1 convolutions
+(linear over channels) take their LoRA through `kernels.lora_linear` with the call's per-row
+adapter slot; k x k convolutions through the torch reference `kernels.lora_conv2d_reference`.
+A call whose rows all use one adapter set may run on that set's merged weights instead.
+`time_embedding.cond_proj` becomes a per-row w projection: rows whose set holds a
+guidance-distilled adapter get its projection, other rows get exactly zero (their timestep
+embedding is bit-identical to the plain UNet's).
+Installing them is the explicit step `AdapterRegistry(model)` takes; a model nobody serves
+adapters on is never wrapped.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillery.kernels import add_to_rows, copy_to_rows, gather_rows, lora_conv2d_reference, lora_linear, over_channels
+
+
+@dataclass
+class AdapterBatch:
+    """What one UNet call's rows use: a slot per distinct adapter set."""
+
+    row_slot: torch.Tensor  # (rows,) int64, -1 = base only
+    layers: dict[str, tuple] = field(default_factory=dict)  # A (S, R, ...), B (S, N, R), scales (S,), ranks per slot
+    projections: list[torch.Tensor | None] = field(default_factory=list)  # per slot: (C, E) or None
+    segments: list = field(default_factory=list)  # kernels.segments_of(row_slot), computed once per call on the host
+    merged: dict[str, torch.Tensor] | None = None  # every row uses one set: its W0 + sum s B A, per layer it touches
+    # several sets, merging on: each slot's merged weights; Linear layers run each slot's rows on them
+    # (a GEMM per slot, no LoRA FLOPs), convolutions take per-row LoRA from `layers`
+    slot_merged: list[dict[str, torch.Tensor]] | None = None
+    all_segments: list = field(default_factory=list)  # segments_of(row_slot, with_base=True) when slot_merged
+
+
+class LoRAContext:
+    """The batch currently running through the UNet; given to the layers at install, set around each call."""
+
+    def __init__(self):
+        self.current: AdapterBatch | None = None
+
+    @contextmanager
+    def running(self, batch: AdapterBatch | None):
+        self.current = batch
+        try:
+            yield
+        finally:
+            self.current = None
+
+
+class _ServingLayer(nn.Module):
+    """Holds the base module (same parameters) and routes each call: base, per-row LoRA or merged."""
+
+    def __init__(self, base: nn.Module, name: str, context: LoRAContext):
+        super().__init__()
+        self.base, self.name, self.context = base, name, context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.context.current
+        if batch is None:
+            return self.base_forward(x, self.base.weight)
+        if batch.merged is not None:
+            return self.base_forward(x, batch.merged.get(self.name, self.base.weight))
+        lora = batch.layers.get(self.name)
+        return self.base_forward(x, self.base.weight) if lora is None else self.lora_forward(x, lora, batch)
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lora_forward(self, x: torch.Tensor, lora: tuple, batch: AdapterBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ServingLinear(_ServingLayer):
+    @property
+    def in_features(self) -> int:  # code that reads a Linear's shape keeps working on the wrapper
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.context.current
+        if batch is None or batch.slot_merged is None:
+            return super().forward(x)
+        runs = _weight_runs(batch, self.name, self.base.weight)
+        if len(runs) == 1:
+            return self.base_forward(x, runs[0][1])
+        # each run of rows through its weights, written in place: one GEMM per run, no LoRA FLOPs, no copies
+        k, n, bias = x.shape[-1], self.base.out_features, self.base.bias
+        x2 = x.reshape(-1, k)  # (rows * tokens, K)
+        y = x.new_empty(*x.shape[:-1], n)
+        y2, per_row = y.view(-1, n), x2.shape[0] // x.shape[0]
+        for rows, weight in runs:
+            if isinstance(rows, slice):
+                part = slice(rows.start * per_row, rows.stop * per_row)
+                if bias is None:
+                    torch.mm(x2[part], weight.t(), out=y2[part])
+                else:
+                    torch.addmm(bias, x2[part], weight.t(), out=y2[part])
+            else:
+                copy_to_rows(y, rows, self.base_forward(gather_rows(x, rows), weight))
+        return y
+
+    def base_forward(self, x, weight):
+        return F.linear(x, weight, self.base.bias)
+
+    def lora_forward(self, x, lora, batch):
+        lora_a, lora_b, scales, ranks = lora
+        return lora_linear(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.row_slot,
+                           segments=batch.segments, check=False, ranks=ranks)
+
+
+def _weight_runs(batch: AdapterBatch, name: str, base_weight: torch.Tensor) -> list[tuple[slice | torch.Tensor | None, torch.Tensor]]:
+    """(rows, weight) for a Linear layer in a call of several sets on merged weights: adjacent segments that
+    use the same weight (base rows, sets that leave this layer alone) joined into one run."""
+    runs: list[list] = []
+    for slot, rows in batch.all_segments:
+        weight = base_weight if slot < 0 else batch.slot_merged[slot].get(name, base_weight)
+        if runs and runs[-1][1] is weight and isinstance(rows, slice) and isinstance(runs[-1][0], slice) \
+                and runs[-1][0].stop == rows.start:
+            runs[-1][0] = slice(runs[-1][0].start, rows.stop)
+        else:
+            runs.append([rows, weight])
+    if len(runs) == 1:
+        return [(None, runs[0][1])]
+    return [(rows, weight) for rows, weight in runs]
+
+
+class ServingConv2d(_ServingLayer):
+    """1 x 1 convolutions are linear over channels ((n, C, H, W) -> (n, H W, C) token rows) and take
+    the LoRA op like a Linear; k x k ones take their LoRA through the torch reference."""
+
+    def __init__(self, base: nn.Conv2d, name: str, context: LoRAContext):
+        super().__init__(base, name, context)
+        self.pointwise = base.kernel_size == (1, 1) and base.stride == (1, 1) and base.dilation == (1, 1) \
+            and base.groups == 1 and base.padding in ((0, 0), "valid")
+
+    def base_forward(self, x, weight):
+        return self.base._conv_forward(x, weight, self.base.bias)
+
+    def lora_forward(self, x, lora, batch):
+        lora_a, lora_b, scales, ranks = lora
+        conv = self.base
+        if self.pointwise:
+            return over_channels(x, lambda tokens: lora_linear(
+                tokens, conv.weight.flatten(1), conv.bias, lora_a, lora_b, scales, batch.row_slot,
+                segments=batch.segments, check=False, ranks=ranks))
+        return lora_conv2d_reference(x, conv.weight, conv.bias, lora_a, lora_b, scales, batch.segments, ranks,
+                                     conv.stride, conv.padding, conv.dilation, check=False)
+
+
+class PerRowProjection(nn.Module):
+    """time_embedding.cond_proj with a w projection per row's slot (zero for slots without one)."""
+
+    def __init__(self, out_features: int, context: LoRAContext):
+        super().__init__()
+        self.out_features, self.context = out_features, context
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:  # emb (rows, E) -> (rows, C)
+        out = emb.new_zeros(emb.shape[0], self.out_features)
+        batch = self.context.current
+        if batch is None:
+            return out
+        for slot, rows in batch.segments:
+            if (proj := batch.projections[slot]) is not None:
+                add_to_rows(out, rows, F.linear(gather_rows(emb, rows), proj))  # 0 + p: exact
+        return out
+
+
+def has_serving_layers(unet) -> bool:
+    return isinstance(unet.time_embedding.cond_proj, PerRowProjection)
+
+
+def install_serving_layers(unet, context: LoRAContext) -> None:
+    """Wrap every Linear and (zero-padded, ungrouped) Conv2d once, and make cond_proj per-row. One context
+    per UNet: a second registry on the same UNet would silently steer the first one's layers."""
+    if has_serving_layers(unet):
+        raise RuntimeError("this UNet already has serving layers (another AdapterRegistry serves it); "
+                           "load another copy of the model for a second registry")
+    unet.time_embedding.cond_proj = PerRowProjection(unet.time_embedding.linear_1.in_features, context)
+    for name, module in list(unet.named_modules()):
+        if type(module) is nn.Linear:
+            unet.set_submodule(name, ServingLinear(module, name, context))
+        elif type(module) is nn.Conv2d and module.padding_mode == "zeros" and module.groups == 1:
+            unet.set_submodule(name, ServingConv2d(module, name, context))

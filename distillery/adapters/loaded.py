@@ -1,0 +1,81 @@
+"""An adapter made resident (its LoRA factors and w projection in owned memory), and sets of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distillery.adapters.files import AdapterError, AdapterMeta, read_adapter
+from distillery.adapters.keys import fit_to_layer, unet_lora_pairs
+
+AdapterSet = tuple[tuple["LoadedAdapter", float], ...]  # (adapter, weight) pairs: what one image row uses
+
+
+class GuidanceOutOfRange(AdapterError):
+    pass
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    name: str
+    path: Path
+    meta: AdapterMeta
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> A (r, K), B (N, r), owned
+    projection: torch.Tensor | None  # (C, E) for guidance-distilled adapters
+
+    @property
+    def single_eval(self) -> bool:
+        return self.meta.kind == "guidance"
+
+    @property
+    def scale(self) -> float:
+        return self.meta.alpha / self.meta.rank
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for ab in self.layers.values() for t in ab] + ([self.projection] if self.projection is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def set_key(chosen: AdapterSet) -> tuple[tuple[str, float], ...]:
+    """An adapter set by its adapters' names and weights: its identity in caches and in batch order."""
+    return tuple((a.name, weight) for a, weight in chosen)
+
+
+def guidance_adapter(chosen: AdapterSet) -> LoadedAdapter | None:
+    """The set's guidance-distilled adapter (it makes sampling single-eval), if any; at most one is allowed."""
+    distilled = [a for a, _ in chosen if a.single_eval]
+    if len(distilled) > 1:
+        raise AdapterError(f"at most one guidance-distilled adapter per request, got {[a.name for a in distilled]}")
+    return distilled[0] if distilled else None
+
+
+def check_guidance(chosen: AdapterSet, guidance: float) -> None:
+    """A guidance-distilled adapter only knows the w range it was trained on."""
+    distilled = guidance_adapter(chosen)
+    if distilled and not distilled.meta.w_min <= guidance <= distilled.meta.w_max:
+        raise GuidanceOutOfRange(f"guidance {guidance} is outside adapter {distilled.name!r}'s trained range "
+                                 f"[{distilled.meta.w_min}, {distilled.meta.w_max}]")
+
+
+def read_loaded(name: str, folder: Path, model) -> LoadedAdapter:
+    """Read and check an adapter folder against `model` (whose UNet has serving layers), in owned memory."""
+    files = read_adapter(folder, model.fingerprint)
+    unet = model.unet
+    layers = {}
+    for layer, (a, b) in unet_lora_pairs(files.lora, folder).items():
+        try:
+            served = unet.get_submodule(layer)
+        except AttributeError:
+            raise AdapterError(f"{folder}: layer {layer!r} does not exist in the base UNet") from None
+        if not hasattr(served, "base"):  # every Linear and zero-padded ungrouped Conv2d is a serving layer
+            raise AdapterError(f"{folder}: layer {layer!r} is {type(served).__name__}; LoRA is served on Linear "
+                               f"and zero-padded ungrouped Conv2d layers")
+        layers[layer] = fit_to_layer(folder, layer, served.base, a, b)
+    proj = files.projection.to(device=unet.device, dtype=unet.dtype, copy=True) if files.projection is not None else None
+    if proj is not None and proj.shape[0] != unet.time_embedding.linear_1.in_features:
+        raise AdapterError(f"{folder}: w projection has {proj.shape[0]} outputs; the UNet's timestep embedding "
+                           f"takes {unet.time_embedding.linear_1.in_features}")
+    return LoadedAdapter(name, folder, files.meta, layers, proj)

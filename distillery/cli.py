@@ -1,0 +1,137 @@
+"""`distillery` command line: generate, train the toy model and oracle, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from distillery.paths import EMBEDDED_MODEL
+
+
+
+def _generate(args) -> int:
+    from pydantic import ValidationError
+
+    from distillery.serving.schemas import GenerateRequest, describe_errors
+
+    raw = {k: getattr(args, k) for k in ("prompt", "guidance", "steps", "seed", "scheduler") if getattr(args, k) is not None}
+    try:
+        req = GenerateRequest(**raw)
+    except ValidationError as exc:
+        for e in describe_errors(GenerateRequest, exc.errors()):
+            print(f"error: {e['message']}; got {e['input']!r}", file=sys.stderr)
+        return 2
+
+    from distillery.adapters import AdapterError
+    from distillery.model import DiffusionModel
+    from distillery.sampling.pipeline import generate
+    from distillery.adapters import AdapterRegistry, check_guidance
+
+    model = DiffusionModel.from_pretrained(args.model)
+    adapters, registry = (), None
+    try:
+        if args.adapter:
+            registry = AdapterRegistry(model)  # serving an adapter: install the serving layers
+            adapter = registry.load(Path(args.adapter).name, args.adapter)
+            adapters = ((adapter, 1.0),)
+        guidance = req.guidance if req.guidance is not None else model.defaults.get("guidance", 0.0)
+        check_guidance(adapters, guidance)
+    except AdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    steps = req.steps or (adapters[0][0].meta.recommended_steps if adapters else model.defaults.get("steps", 25))
+    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=req.scheduler, adapters=adapters,
+                   registry=registry)
+    out.images[0].save(args.output)
+    ms = ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings_ms.items())
+    print(f"wrote {args.output} ({out.mode}: w={guidance}, steps={steps}, {out.unet_evaluations} UNet evaluations, "
+          f"seed={req.seed}; {ms})")
+    return 0
+
+
+def _train_toy(args) -> int:
+    from distillery.distill.train_toy import ToyTrainConfig, train_toy
+
+    cfg = ToyTrainConfig(**{f.name: getattr(args, f.name) for f in fields(ToyTrainConfig)})
+    train_toy(cfg)
+    return 0
+
+
+def _train_oracle(args) -> int:
+    from distillery.distill.oracle import train_oracle
+
+    train_oracle()
+    return 0
+
+
+def _distill_guidance(args) -> int:
+    from distillery.distill.guidance_distill import GuidanceDistillConfig, distill_guidance
+
+    values = {f.name: getattr(args, f.name) for f in fields(GuidanceDistillConfig)}
+    values["target_modules"] = values["target_modules"].split(",")
+    distill_guidance(GuidanceDistillConfig(**values))
+    return 0
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One --option per dataclass field; lists are comma-separated, bools take true/false."""
+    for f in fields(config_cls):
+        default = f.default if f.default_factory is MISSING else ",".join(f.default_factory())
+        kind = {bool: lambda v: v.lower() in ("1", "true", "yes")}.get(type(default), type(default))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+                            help=f"default: {default}")
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    uvicorn.run("distillery.serving.app:create_app", factory=True, host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distillery")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text -> PNG with the CFG sampler")
+    g.add_argument("prompt")
+    g.add_argument("--guidance", type=float, help="w (nan/inf are rejected by the schema): eps = (1+w) eps(c) - w eps(empty); default: the model's")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--scheduler", default="ddim")
+    g.add_argument("--model", default=str(EMBEDDED_MODEL))
+    g.add_argument("--adapter", help="an adapter folder; a guidance-distilled one samples with one UNet call per step")
+    g.add_argument("-o", "--output", default="out.png")
+    g.set_defaults(run=_generate)
+
+    from distillery.distill.train_toy import ToyTrainConfig
+
+    t = sub.add_parser("train-toy", help="train the embedded toy model (VAE, then UNet + text encoder)")
+    _add_config_options(t, ToyTrainConfig)
+    t.set_defaults(run=_train_toy)
+
+    from distillery.distill.guidance_distill import GuidanceDistillConfig
+
+    d = sub.add_parser("distill-guidance", help="guidance distillation: LoRA + w projection over the shared base")
+    _add_config_options(d, GuidanceDistillConfig)
+    d.set_defaults(run=_distill_guidance)
+
+    o = sub.add_parser("train-oracle", help="train the colour/shape oracle on ground-truth renders")
+    o.set_defaults(run=_train_oracle)
+
+    s = sub.add_parser("serve", help="start the HTTP server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(run=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline distillation: toy data and model, the oracle, the distillers, evaluation."""

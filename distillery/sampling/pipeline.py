@@ -1,0 +1,169 @@
+"""Text -> image: requests become samplers, samplers share UNet calls, latents become PNGs.
+
+`unet_step` is the one place that turns the rows of many samplers (any timesteps, w, adapter
+sets and schedulers) into UNet calls: one per latent shape in throughput mode, one per image
+row in deterministic mode. The engine calls it per step for whatever is in flight, and
+`generate` (CLI, evaluation, benchmarks) runs a fixed list of prompts through it.
+Neither changes the model: adapters need a registry, whose making installed the serving layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from distillery.sampling.guidance import guidance_embedding
+from distillery.model import DiffusionModel
+from distillery.adapters import AdapterRegistry, AdapterSet, guidance_adapter, set_key
+from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler
+
+
+@dataclass
+class Request:
+    """One image in flight: its sampler, its adapters, its clocks."""
+
+    sampler: GuidedSampler
+    adapters: AdapterSet
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "cfg" if self.sampler.cfg else "single-eval"
+
+    @property
+    def unet_evaluations(self) -> int:
+        return self.sampler.n_rows * len(self.sampler.timesteps)
+
+
+def prompts_of(prompt: str, adapters: AdapterSet, negative_prompt: str = "") -> list[str]:
+    """What a request encodes: its prompt alone (single-eval, a guidance-distilled adapter in the set) or
+    with the unconditional branch's prompt (CFG)."""
+    return [prompt] if guidance_adapter(adapters) is not None else [prompt, negative_prompt]
+
+
+def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tuple[list[torch.Tensor], float]:
+    """Every request's prompts in ONE text-encoder call (throughput mode): (per request (k, T, D), ms)."""
+    t0 = time.perf_counter()
+    text = model.encode_prompts([p for prompts in prompt_lists for p in prompts])  # (sum k, T, D)
+    return list(text.split([len(p) for p in prompt_lists])), (time.perf_counter() - t0) * 1e3
+
+
+def start_request(model: DiffusionModel, prompt: str, seed: int, guidance: float, steps: int,
+                  scheduler: str = "ddim", adapters: AdapterSet = (), rescale: float = 0.0,
+                  height: int | None = None, width: int | None = None, negative_prompt: str = "",
+                  encoded: tuple[torch.Tensor, float] | None = None) -> Request:
+    """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler.
+
+    A guidance-distilled adapter in `adapters` -> single-eval sampling; otherwise CFG.
+    """
+    single = guidance_adapter(adapters) is not None
+    if encoded is None:
+        encoded = encode_together(model, [prompts_of(prompt, adapters, negative_prompt)])
+        encoded = encoded[0][0], encoded[1]
+    text, text_ms = encoded  # (1 or 2, T, D)
+    shape = model.latent_shape(height or model.default_size, width or model.default_size)
+    noise = initial_noise(seed, shape, model.device, model.dtype)
+    sampler = GuidedSampler(make_scheduler(scheduler, model.scheduler_config), noise, steps, guidance,
+                            cond=text[:1], uncond=None if single else text[1:], rescale=rescale)
+    return Request(sampler, tuple(adapters), {"text_encode": text_ms})
+
+
+@torch.no_grad()
+def unet_step(model: DiffusionModel, registry: AdapterRegistry | None, requests: list[Request],
+              deterministic: bool = False) -> list[tuple[Request, Exception]]:
+    """One denoising step for every request; returns the requests whose own scheduler step failed.
+
+    Throughput mode: one UNet call per latent shape over all its requests' rows, placed by adapter set
+    (each set's rows one contiguous slice: views, not gathers, in the LoRA layers). Deterministic mode:
+    one call per image row, whose inputs are made from the request alone, so every operation sees the
+    same shapes, layouts and values whatever else is in flight: the image's bits cannot depend on the
+    batch, on any BLAS. Every UNet call runs before any sampler advances: if one raises, no request
+    has moved and each can be stepped again.
+    """
+    if registry is None and any(r.adapters for r in requests):
+        raise ValueError("adapters need an AdapterRegistry (making one installs the serving layers)")
+    eps_of: list[tuple[Request, torch.Tensor]] = []
+    if deterministic:
+        for req in requests:
+            rows = req.sampler.rows()
+            eps = [_unet_call(model, registry, [rows.latents[i:i + 1].clone()], [rows.timestep.reshape(1)],
+                              [rows.text[i:i + 1].clone()], [rows.guidance[i:i + 1]], [req.adapters])
+                   for i in range(rows.latents.shape[0])]
+            eps_of.append((req, torch.cat(eps)))
+    else:
+        by_shape: dict[tuple, list[Request]] = {}
+        for req in sorted(requests, key=lambda r: set_key(r.adapters)):
+            by_shape.setdefault(tuple(req.sampler.latents.shape), []).append(req)
+        for group in by_shape.values():
+            rows = [r.sampler.rows() for r in group]
+            n = [r.latents.shape[0] for r in rows]
+            eps = _unet_call(model, registry, [r.latents for r in rows],
+                             [r.timestep.reshape(1).expand(k) for r, k in zip(rows, n)], [r.text for r in rows],
+                             [r.guidance for r in rows], [req.adapters for req, k in zip(group, n) for _ in range(k)])
+            eps_of += zip(group, eps.split(n))
+    failed = []
+    for req, eps in eps_of:
+        try:
+            req.sampler.advance(eps)
+        except Exception as exc:  # noqa: BLE001 - this request's own scheduler; the others go on
+            failed.append((req, exc))
+    return failed
+
+
+def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents, timesteps, texts, guidance,
+               row_sets: list[AdapterSet]) -> torch.Tensor:
+    """eps (rows, C, h, w) for the concatenated rows; w reaches only rows whose set has a w projection."""
+    x = torch.cat(latents)  # (rows, C, h, w)
+    t = torch.cat(timesteps)  # (rows,) per-row timesteps
+    text = torch.cat(texts)  # (rows, T, D)
+    if registry is None:  # a plain UNet: no serving layers, no w projection
+        return model.unet(x, t, encoder_hidden_states=text).sample
+    w_emb = guidance_embedding(torch.cat(guidance)).to(x.device, x.dtype)  # (rows, E)
+    with registry.active(row_sets):
+        return model.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample  # (rows, C, h, w)
+
+
+@torch.no_grad()
+def finish_requests(model: DiffusionModel, requests: list[Request], together: bool = False) -> list[Image.Image]:
+    """Decode finished requests: one at a time, or (`together`, throughput mode) one VAE call per latent shape."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(tuple(r.sampler.latents.shape) if together else (i,), []).append(i)
+    images: list[Image.Image | None] = [None] * len(requests)
+    for members in groups.values():
+        t0 = time.perf_counter()
+        decoded = model.decode(torch.cat([requests[i].sampler.latents for i in members]))
+        ms = (time.perf_counter() - t0) * 1e3
+        for i, image in zip(members, decoded):
+            images[i] = image
+            requests[i].timings_ms["decode"] = ms
+    return images
+
+
+@dataclass
+class Generated:
+    images: list[Image.Image]
+    unet_evaluations: int  # UNet rows per image: 2 per step with CFG, 1 single-eval
+    mode: str  # "cfg" or "single-eval"
+    timings_ms: dict[str, float] = field(default_factory=dict)  # summed over the images
+
+
+def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidance: float, steps: int,
+             scheduler: str = "ddim", adapters: AdapterSet = (), rescale: float = 0.0,
+             height: int | None = None, width: int | None = None, registry: AdapterRegistry | None = None,
+             deterministic: bool = False) -> Generated:
+    """Several prompts with the same settings, stepped together. Adapters need the `registry` they were
+    loaded into; without adapters the model runs as it is (a model nobody serves stays untouched)."""
+    requests = [start_request(model, p, s, guidance, steps, scheduler, adapters, rescale, height, width)
+                for p, s in zip(prompts, seeds)]
+    t0 = time.perf_counter()
+    while not requests[0].sampler.done:
+        if failed := unet_step(model, registry, requests, deterministic):
+            raise failed[0][1]
+    denoise_ms = (time.perf_counter() - t0) * 1e3
+    images = finish_requests(model, requests, together=not deterministic)
+    timings = {k: sum(r.timings_ms[k] for r in requests) for k in ("text_encode", "decode")}
+    return Generated(images, requests[0].unet_evaluations, requests[0].mode, {**timings, "denoise": denoise_ms})

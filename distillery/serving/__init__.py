@@ -1,0 +1,1 @@
+"""The HTTP server: settings, schemas, routes, the batching engine, metrics."""

@@ -1,0 +1,42 @@
+"""Serving configuration: one Settings object, environment prefix DISTILLERY_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_")
+
+    model_path: str = str(EMBEDDED_MODEL)  # a diffusers folder (or a hub id on a connected host)
+    adapters_root: str = str(EMBEDDED_ADAPTERS)  # every folder here with an adapter.json is loaded at start
+    device: str = "cpu"
+    dtype: str = "float32"
+    queue_size: int = 16  # requests waiting beyond this get 429
+    # A UNet call holds at most this many rows' worth of latent pixels, counted at the model's native
+    # size (a CFG request takes 2 rows, a single-eval one 1; a row at twice the size counts 4).
+    max_batch_rows: int = 12
+    # Throughput mode (False, the default): the fastest batched kernels on each device; an image can
+    # differ in its last bits with what shares its batch. Deterministic mode (True): every image row is
+    # its own UNet call, so the same request and seed give the same PNG bytes whatever else is in flight.
+    deterministic: bool = False
+    adapter_budget_bytes: int | None = None  # resident adapter bytes; least recently used evicted beyond it
+    # 0: adapters run as per-row LoRA (the fused kernel on CUDA); > 0: every adapter set runs on its own
+    # merged copy of the layers it touches (W0 + BA: faster, more memory), this many bytes kept cached.
+    # Unset: 2 GiB on CPU, 0 on CUDA (distillery/adapters/registry.py: default_merged_budget)
+    merged_cache_bytes: int | None = None
+    api_key: str | None = None  # POST/DELETE /adapters need it in X-API-Key; unset: those routes answer 403
+    request_timeout_s: float = 120.0  # a request not answered by then gets 503 with Retry-After
+    max_steps: int | None = None  # operator's cap on steps per request; unset: what the scheduler allows
+    exit_on_worker_death: bool = True  # the engine's worker died: stop the process so the orchestrator restarts it
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

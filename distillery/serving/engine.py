@@ -1,0 +1,362 @@
+"""The engine: owns the model, the adapters, the bounded queue, warm-up and step-level batching.
+
+A single worker loop takes the requests in flight (within a budget of latent pixels per call),
+runs one step for all of them per iteration (pipeline.unet_step: one UNet call per latent shape
+in throughput mode, one per image row in deterministic mode) and admits newcomers between
+steps. Tensor work runs on one torch thread so the event loop keeps answering health checks,
+metrics and overflow (429) meanwhile. A request whose client went away or timed out is dropped
+at the next step. No request fails because of another: a failing step is retried request by
+request, and only the request that fails alone gets the error. If the worker loop itself dies,
+the engine stops being ready, answers 503, and calls `on_death` (the server exits, so the
+orchestrator restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distillery.adapters import META_FILE, AdapterError
+from distillery.serving.memory import MemoryTracker
+from distillery.serving.metrics import Metrics
+from distillery.model import DiffusionModel
+from distillery.sampling.pipeline import Request, encode_together, finish_requests, generate, prompts_of, start_request, unet_step
+from distillery.adapters import AdapterRegistry, AdapterSet, check_guidance, guidance_adapter
+
+log = logging.getLogger("distillery.engine")
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_size` requests already: 429 with Retry-After."""
+
+
+class RequestTimeout(Exception):
+    """Not answered within the request timeout (queued and running): 503 with Retry-After."""
+
+
+class EngineUnavailable(Exception):
+    """Not warmed up yet, stopping, or its worker died: 503 with Retry-After."""
+
+
+class InvalidJob(ValueError):
+    """A job the engine cannot run as asked, found with what only the engine knows: 422 naming `field`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# Every torch call of the server runs on this ONE thread. Each thread that enters torch gets its
+# own OpenMP pool, and once a process has two, every parallel region in it ran ~2.4x slower on
+# this 2-core machine (measured: a toy generation 0.5 s -> 1.2 s, whichever thread ran it).
+TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillery-torch")
+
+
+async def on_torch_thread(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(TORCH_THREAD, fn, *args)
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    guidance: float
+    steps: int
+    seed: int
+    scheduler: str = "ddim"
+    adapters: tuple[tuple[str, float], ...] = ()
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""
+
+
+@dataclass
+class Result:
+    image: object  # PIL.Image
+    job: Job
+    mode: str
+    unet_evaluations: int
+    timings_ms: dict[str, float]
+    peak_memory: dict[str, float]
+
+    @property
+    def png(self) -> bytes:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def rows_per_step(adapters: AdapterSet) -> int:
+    """UNet rows a request takes per step: 1 single-eval (a guidance-distilled adapter in its set), 2 CFG."""
+    return 1 if guidance_adapter(adapters) else 2
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    adapters: AdapterSet
+    future: asyncio.Future
+    enqueued: float
+    cost: float  # native-size rows: UNet rows x latent pixels / the model's native latent pixels
+    request: Request | None = None
+    started: float = 0.0
+    image: object = None
+    memory: MemoryTracker = field(default_factory=MemoryTracker)
+
+    @property
+    def rows(self) -> int:
+        return rows_per_step(self.adapters)
+
+
+class Engine:
+    def __init__(self, model: DiffusionModel, queue_size: int = 16, timeout_s: float = 120.0, max_rows: float = 12,
+                 adapter_budget_bytes: int | None = None, merged_cache_bytes: int | None = None,
+                 metrics: Metrics | None = None, deterministic: bool = False, on_death=None):
+        """`max_rows`: the latent pixels of one step's calls, in rows at the model's native size (a request
+        alone always runs, whatever its size). Makes the registry, which installs the serving layers."""
+        self.model = model
+        self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes)
+        self.metrics = metrics or Metrics()
+        self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
+        self.deterministic = deterministic
+        self.on_death = on_death
+        self.pending: deque[_InFlight] = deque()
+        self.active: list[_InFlight] = []
+        self.ready = False
+        self.dead: BaseException | None = None
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def default_guidance(self) -> float:
+        return float(self.model.defaults.get("guidance", 0.0))
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.model.defaults.get("steps", 25))
+
+    def load_adapters_from(self, root: str | Path) -> list[str]:
+        """Register every adapter folder under `root`, named after its folder; a bad one is logged and skipped."""
+        loaded = []
+        for meta in sorted(Path(root).glob(f"*/{META_FILE}")):
+            try:
+                self.registry.load(meta.parent.name, meta.parent)
+                loaded.append(meta.parent.name)
+            except AdapterError as exc:
+                log.warning("adapter %s not loaded: %s", meta.parent, exc)
+        self.metrics.observe_registry(self.registry)
+        return loaded
+
+    def resolve(self, job: Job, reload: bool = True) -> AdapterSet | None:
+        """The job's adapters: UnknownAdapter for an unknown name, AdapterError for an unusable set or w,
+        InvalidJob for a field the set rules out. reload=False (on the event loop): None if one was evicted."""
+        found = [(self.registry.get(name) if reload else self.registry.resident_or_none(name), weight)
+                 for name, weight in job.adapters]
+        if any(a is None for a, _ in found):
+            return None
+        chosen = tuple(found)
+        check_guidance(chosen, job.guidance)
+        if job.negative_prompt and guidance_adapter(chosen):
+            raise InvalidJob("negative_prompt", "negative_prompt: only in cfg mode; a guidance-distilled adapter "
+                                                "samples without the unconditional branch")
+        return chosen
+
+    def cost(self, job: Job, rows: int) -> float:
+        """A job's share of a step's budget, in rows at the native size (a 2x-size image counts 4x)."""
+        native = self.model.default_size
+        return rows * (job.height or native) * (job.width or native) / native**2
+
+    async def start(self) -> None:
+        await on_torch_thread(self.warmup)
+        self._worker = asyncio.create_task(self._run())
+        self._worker.add_done_callback(self._worker_ended)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._worker and not self._worker.done():  # a dead worker was reported by _worker_ended
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    def warmup(self) -> None:
+        """One tiny generation per mode and adapter: first-call allocations and lazy inits happen before traffic."""
+        kw = dict(registry=self.registry, deterministic=self.deterministic)
+        generate(self.model, ["warm-up"], [0], 0.0, steps=2, **kw)
+        for adapter in list(self.registry.resident.values()):
+            generate(self.model, ["warm-up"], [0], adapter.meta.w_min, steps=1, adapters=((adapter, 1.0),), **kw)
+
+    async def submit(self, job: Job) -> Result:
+        """The job's image. Raises QueueFull, RequestTimeout, EngineUnavailable, UnknownAdapter, AdapterError
+        or InvalidJob; a failure inside the request's own steps is re-raised as it happened."""
+        if not self.ready:
+            raise EngineUnavailable(f"the engine is not serving ({self._why_unavailable()}); retry later")
+        chosen = self.resolve(job, reload=False)
+        if chosen is None:  # an evicted adapter is read back from disk: on the torch thread
+            chosen = await on_torch_thread(self.resolve, job)
+        if len(self.pending) >= self.queue_size:
+            self.metrics.errors.labels("queue_full").inc()
+            raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
+        item = _InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter(),
+                         self.cost(job, rows_per_step(chosen)))
+        self.registry.acquire(chosen)  # in use from now: neither evicted nor unloaded under the request
+        self.pending.append(item)
+        self.metrics.queue_depth.set(len(self.pending))
+        self._arrived.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
+        except TimeoutError:
+            self.metrics.errors.labels("timeout").inc()
+            raise RequestTimeout(f"not answered within the request timeout of {self.timeout_s} s; retry later") from None
+        finally:
+            if not item.future.done():  # timed out, or the caller was cancelled (client went away)
+                item.future.cancel()
+
+    def _why_unavailable(self) -> str:
+        return f"its worker died: {self.dead!r}" if self.dead else "not ready"
+
+    def _admit(self) -> list[_InFlight]:
+        """Move pending requests in flight, in order, while their cost fits `max_rows` (one always fits)."""
+        used = sum(a.cost for a in self.active)
+        admitted = []
+        while self.pending and (not self.active or used + self.pending[0].cost <= self.max_rows):
+            item = self.pending.popleft()
+            if item.future.cancelled():
+                self._close(item, "cancelled")
+                continue
+            item.started = time.perf_counter()
+            self.active.append(item)
+            admitted.append(item)
+            used += item.cost
+        self.metrics.queue_depth.set(len(self.pending))
+        return admitted
+
+    def _start(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
+        """Encode the admitted requests' prompts (throughput mode: in one text-encoder call) and make their
+        samplers (on the torch thread)."""
+        encoded = [None] * len(items)
+        if not self.deterministic and len(items) > 1:
+            try:
+                texts, ms = encode_together(self.model, [prompts_of(i.job.prompt, i.adapters, i.job.negative_prompt)
+                                                         for i in items])
+                encoded = [(text, ms) for text in texts]
+            except Exception:  # noqa: BLE001 - each request encodes alone below, and fails alone
+                log.exception("encoding %d prompts together failed; encoding them one by one", len(items))
+        failed = []
+        for item, enc in zip(items, encoded):
+            j = item.job
+            try:
+                item.request = start_request(self.model, j.prompt, j.seed, j.guidance, j.steps, j.scheduler,
+                                             item.adapters, height=j.height, width=j.width,
+                                             negative_prompt=j.negative_prompt, encoded=enc)
+            except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
+                failed.append((item, exc))
+        return failed
+
+    def _step(self, active: list[_InFlight]) -> tuple[list[_InFlight], list[tuple[_InFlight, Exception]]]:
+        """One step for all in flight (on the torch thread): (finished and decoded, failed). If a shared
+        UNet call fails (nothing has advanced then), each request steps alone, and only those that fail
+        alone fail."""
+        try:
+            failed = self._unet_step(active)
+        except Exception:  # noqa: BLE001 - find the request that fails alone
+            log.exception("a batched step failed; stepping its %d requests one by one", len(active))
+            failed = []
+            for a in active:
+                try:
+                    failed += self._unet_step([a])
+                except Exception as exc:  # noqa: BLE001
+                    failed.append((a, exc))
+        finished = []
+        for a in active:
+            if any(a is f for f, _ in failed):
+                continue
+            a.memory.sample()
+            if a.request.sampler.done:
+                finished.append(a)
+        try:
+            images = finish_requests(self.model, [a.request for a in finished], together=not self.deterministic)
+        except Exception:  # noqa: BLE001 - decode one by one: only a request that fails alone fails
+            images = []
+            for a in finished:
+                try:
+                    images += finish_requests(self.model, [a.request])
+                except Exception as exc:  # noqa: BLE001
+                    images.append(None)
+                    failed.append((a, exc))
+        for a, image in zip(finished, images):
+            a.image = image
+        return [a for a in finished if a.image is not None], failed
+
+    def _unet_step(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
+        """unet_step over the items; returns the items whose own scheduler step failed."""
+        failed = unet_step(self.model, self.registry, [a.request for a in items], self.deterministic)
+        rows = sum(a.rows for a in items)
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.unet_evaluations.inc(rows)
+        return [(next(a for a in items if a.request is req), exc) for req, exc in failed]
+
+    async def _run(self) -> None:
+        while True:
+            if not self.active and not self.pending:
+                await self._arrived.wait()
+                self._arrived.clear()
+            admitted = self._admit()
+            if admitted:
+                for item, exc in await on_torch_thread(self._start, admitted):
+                    self.active.remove(item)
+                    self._close(item, "error", exc)
+            for a in [a for a in self.active if a.future.cancelled()]:
+                self.active.remove(a)
+                self._close(a, "cancelled")
+            if not self.active:
+                continue
+            done, failed = await on_torch_thread(self._step, list(self.active))
+            for a, exc in failed:
+                self.active.remove(a)
+                self._close(a, "error", exc)
+            for a in done:
+                self.active.remove(a)
+                self._close(a, "ok")
+
+    def _worker_ended(self, task: asyncio.Task) -> None:
+        """The worker loop ends only when stopped; anything else is a bug: stop serving, fail everything
+        waiting with 503, log, and let `on_death` (the server: exit) restart us cleanly."""
+        if task.cancelled():
+            return
+        self.dead = task.exception() or RuntimeError("the worker loop returned")
+        self.ready = False
+        log.critical("engine worker died; not ready from now on", exc_info=self.dead)
+        for item in self.active + list(self.pending):
+            if not item.future.done():
+                item.future.set_exception(EngineUnavailable(f"the engine's worker died: {self.dead!r}; retry later"))
+        self.active.clear()
+        self.pending.clear()
+        if self.on_death is not None:
+            self.on_death(self.dead)
+
+    def _close(self, item: _InFlight, outcome: str, exc: BaseException | None = None) -> None:
+        """Release the request's adapters, record it, and answer it (if anyone still waits)."""
+        self.registry.release(item.adapters)
+        now = time.perf_counter()
+        mode = "single-eval" if item.rows == 1 else "cfg"
+        self.metrics.requests.labels(mode, outcome).observe(now - item.enqueued)
+        if exc is not None:
+            self.metrics.errors.labels(type(exc).__name__).inc()
+        if item.future.done():
+            return
+        if exc is not None:
+            item.future.set_exception(exc)
+            return
+        req = item.request
+        timings = {"queue": (item.started - item.enqueued) * 1e3, **req.timings_ms,
+                   "total": (now - item.enqueued) * 1e3}
+        timings["denoise"] = (now - item.started) * 1e3 - req.timings_ms["text_encode"] - req.timings_ms["decode"]
+        self.metrics.observe_memory()
+        item.future.set_result(Result(item.image, item.job, req.mode, req.unet_evaluations, timings, item.memory.peak()))
