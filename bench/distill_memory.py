@@ -38,8 +38,10 @@ def _unet(scale: str, quick: bool):
 
 def _step(config: str, scale: str, quick: bool) -> int:
     """One training step of `config`; returns the process's peak RSS in bytes."""
-    from distillery.distill.guidance_distill import GuidanceDistillConfig, attach_student, distillation_step
-    from distillery.sampling.guidance import guidance_embedding, install_projection, new_projection
+    from distillery.distill.guidance_distill import (GuidanceDistillConfig, attach_projection, attach_student,
+                                                     distillation_step)
+    from distillery.sampling.guidance import guidance_embedding
+    from distillery.testing.sd15 import sd15_scheduler
 
     torch.manual_seed(0)
     unet, batch, latent, rank, tokens = _unet(scale, quick)
@@ -47,23 +49,22 @@ def _step(config: str, scale: str, quick: bool) -> int:
     dim = unet.config.cross_attention_dim
     x0, cond, uncond = torch.randn(batch, 4, latent, latent), torch.randn(batch, tokens, dim), torch.randn(batch, tokens, dim)
     w = torch.full((batch,), 2.0)
-    alphas = torch.linspace(0.9999, 0.005, 1000)
+    noise_scheduler = sd15_scheduler()
     cfg = GuidanceDistillConfig(rank=rank)
     teacher = None if config == "shared" else copy.deepcopy(unet).eval()
     if config == "full":
         unet.requires_grad_(True)
-        install_projection(unet, new_projection(unet))
+        attach_projection(unet)
     else:
         attach_student(unet, cfg)
     unet.enable_gradient_checkpointing()
     unet.train()
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     if config == "shared":
-        loss = distillation_step(unet, unet, x0, cond, uncond, w, alphas)
+        loss = distillation_step(unet, unet, x0, cond, uncond, w, noise_scheduler)
     else:  # same step, the teacher pass on the separate copy
         noise, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,))
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = noise_scheduler.add_noise(x0, noise, t)
         with torch.no_grad():
             eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                    encoder_hidden_states=torch.cat([cond, uncond])).sample.chunk(2)

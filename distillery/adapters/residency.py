@@ -39,6 +39,12 @@ class Residency:
     def resident_bytes(self) -> int:
         return sum(a.nbytes for a in self.resident.values())
 
+    def figures(self) -> dict[str, int]:
+        """Resident count and bytes, loads and evictions so far, read together (any thread)."""
+        with self._lock:
+            return {"resident": len(self.resident), "resident_bytes": self.resident_bytes, "loads": self.loads,
+                    "evictions": self.evictions}
+
     def _read(self, name: str, folder: Path) -> LoadedAdapter:
         adapter = self._read_adapter(name, folder)
         self.loads += 1

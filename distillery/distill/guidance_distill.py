@@ -10,24 +10,25 @@ small next to W0.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 from tqdm import tqdm
 
-from distillery.distill.data import image_caption_loader
 from distillery.adapters import AdapterMeta, save_adapter
-from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding, install_projection, new_projection
+from distillery.distill.data import image_caption_loader
+from distillery.distill.training import Progress, batches, checkpoint, keep_trainable_in_checkpoints, resume
 from distillery.model import DiffusionModel
+from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 
 ADAPTER_NAME = "guidance"
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -56,33 +57,41 @@ class GuidanceDistillConfig:
     seed: int = 0
 
 
-def attach_student(unet, cfg: GuidanceDistillConfig) -> torch.nn.Linear:
-    """Add the LoRA adapter and the zero-initialised w projection to the (frozen) base UNet."""
+def attach_student(unet, cfg: GuidanceDistillConfig) -> nn.Linear:
+    """Add the LoRA adapter and the w projection to the (frozen) base UNet, in place."""
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=cfg.target_modules,
-                                      init_lora_weights=True), adapter_name=ADAPTER_NAME)  # B = 0: student == teacher
-    projection = new_projection(unet)
-    install_projection(unet, projection)
-    return projection
+                                init_lora_weights=True), adapter_name=ADAPTER_NAME)  # B = 0: student == teacher
+    return attach_projection(unet)
+
+
+def attach_projection(unet) -> nn.Linear:
+    """The UNet's `cond_proj` becomes a w projection, zero-initialised: the untrained student equals the
+    conditional teacher."""
+    projection = nn.Linear(EMBEDDING_DIM, unet.time_embedding.linear_1.in_features, bias=False)
+    nn.init.zeros_(projection.weight)
+    unet.time_embedding.cond_proj = projection.to(device=unet.device, dtype=unet.dtype)  # used with timestep_cond
+    return unet.time_embedding.cond_proj
 
 
 def distillation_step(student, unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                      w: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The loss of one batch: latents (B, C, h, w), cond/uncond (B, T, D), w (B,).
+                      guidance: torch.Tensor, noise_scheduler: DDPMScheduler,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """The loss of one batch: latents (B, C, h, w), cond/uncond (B, T, D), guidance w (B,).
 
     `student` is the module to train through (the DDP wrapper under several processes), `unet` the
     same UNet unwrapped, whose adapters are switched off for the teacher pass.
     """
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator, device=latents.device)
-    a = alphas_cumprod[t].view(-1, 1, 1, 1).to(latents.dtype)
-    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise  # (B, C, h, w)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                      device=latents.device)
+    x_t = noise_scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
     with torch.no_grad():  # teacher: W0 alone, both branches in one batch, no graph kept
         unet.disable_adapters()
         eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample.chunk(2)
         unet.enable_adapters()
-        wv = w.view(-1, 1, 1, 1).to(eps_c.dtype)
-        target = eps_c + wv * (eps_c - eps_u)  # (1 + w) eps_c - w eps_u
-    eps = student(x_t, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w).to(x_t.dtype)).sample
+        w = guidance.view(-1, 1, 1, 1).to(eps_c.dtype)
+        target = eps_c + w * (eps_c - eps_u)  # (1 + w) eps_c - w eps_u
+    eps = student(x_t, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(guidance).to(x_t.dtype)).sample
     return F.mse_loss(eps.float(), target.float())
 
 
@@ -101,52 +110,49 @@ def distill_guidance(cfg: GuidanceDistillConfig) -> Path:
     trainable = [p for p in unet.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    lr_schedule = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
     loader = image_caption_loader(cfg.data, model.default_size, cfg.batch, cfg.seed)
+    shuffle_rng = loader.generator
     unet, opt, loader = accelerator.prepare(unet, opt, loader)
-    alphas = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod.to(accelerator.device)
+    noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
     empty = model.encode_prompts([""])  # (1, T, D)
 
-    work = Path(cfg.work)
-    ckpt, start = work / "checkpoint.pt", 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=accelerator.device)
-        accelerator.unwrap_model(unet).load_state_dict(state["trainable"], strict=False)
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        accelerator.print(f"resumed from {ckpt} at step {start}")
-    gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + start)
-    bar = tqdm(total=cfg.steps, initial=start, desc="guidance distillation", disable=not accelerator.is_main_process)
-    step, t0, losses = start, time.time(), []
-    while step < cfg.steps:
-        for batch in loader:
-            if step >= cfg.steps:
-                break
-            with accelerator.accumulate(unet):
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-                with torch.no_grad():
-                    pixels = batch["pixel_values"].to(accelerator.device, model.vae.dtype)
-                    latents = model.vae.encode(pixels).latent_dist.sample(gen) * model.vae.config.scaling_factor
-                    captions = [c if torch.rand(1, generator=gen, device=accelerator.device).item() >= cfg.caption_dropout else ""
-                                for c in batch["caption"]]
-                    cond = model.encode_prompts(captions)
-                    w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(len(captions), generator=gen, device=accelerator.device)
-                with accelerator.autocast():
-                    loss = distillation_step(unet, model.unet, latents, cond, empty.expand_as(cond), w, alphas, gen)
-                accelerator.backward(loss)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                step += 1
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.5f}")
-                if step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
-                    work.mkdir(parents=True, exist_ok=True)
-                    trainable_state = {k: v for k, v in accelerator.unwrap_model(unet).state_dict().items()
-                                       if "lora_" in k or "cond_proj" in k}
-                    torch.save({"trainable": trainable_state, "opt": opt.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
-                    ckpt.with_suffix(".tmp").replace(ckpt)
+    gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+    progress = Progress(gen)
+    accelerator.register_for_checkpointing(lr_schedule, progress)  # stepped by hand: once per optimizer step
+    keep_trainable_in_checkpoints(accelerator, lambda key: "lora_" in key or "cond_proj" in key)
+    if resume(accelerator, Path(cfg.work)):
+        accelerator.print(f"resumed from {cfg.work} at step {progress.step}")
+    bar = tqdm(total=cfg.steps, initial=progress.step, desc="guidance distillation",
+               disable=not accelerator.is_main_process)
+    t0 = time.time()
+    stream = batches(accelerator, loader, shuffle_rng, progress)
+    while progress.step < cfg.steps:
+        batch = next(stream)
+        with accelerator.accumulate(unet):
+            with torch.no_grad():
+                pixels = batch["pixel_values"].to(accelerator.device, model.vae.dtype)
+                latents = model.vae.encode(pixels).latent_dist.sample(gen) * model.vae.config.scaling_factor
+                captions = [c if torch.rand(1, generator=gen, device=accelerator.device).item() >= cfg.caption_dropout else ""
+                            for c in batch["caption"]]
+                cond = model.encode_prompts(captions)
+                guidance = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(len(captions), generator=gen,
+                                                                            device=accelerator.device)
+            with accelerator.autocast():
+                loss = distillation_step(unet, model.unet, latents, cond, empty.expand_as(cond), guidance,
+                                         noise_scheduler, gen)
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            lr_schedule.step()
+            progress.step += 1
+            progress.history.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.5f}")
+            if progress.step % cfg.checkpoint_every == 0:
+                checkpoint(accelerator, Path(cfg.work))
+    losses = progress.history
     bar.close()
     accelerator.wait_for_everyone()
     # Every rank reports what it holds: under data parallelism the adapters must be identical.

@@ -1,6 +1,6 @@
 """Train the embedded toy text-to-image model from scratch, on CPU.
 
-Two stages, each resumable from its checkpoint under --work:
+Two stages, each resumable from its checkpoint under --work (distill/training.py):
   vae:  AutoencoderKL on toy images (reconstruction + small KL), then the latent
         scaling factor is set from the data (SD's 0.18215 is the same idea).
   unet: UNet2DConditionModel + CLIP text encoder, epsilon prediction on cached VAE
@@ -13,21 +13,21 @@ The final EMA weights are written as a diffusers folder (StableDiffusionPipeline
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from diffusers.training_utils import EMAModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
 from distillery.distill import toy_model
 from distillery.distill.toy_dataset import to_model_range, toy_arrays
+from distillery.distill.training import Progress, checkpoint, resume
 from distillery.model import DiffusionModel
 
 
@@ -54,12 +54,6 @@ class ToyTrainConfig:
     seed: int = 0
 
 
-def _save_checkpoint(path: Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a stop mid-save never corrupts the last checkpoint
-
-
 def train_vae(cfg: ToyTrainConfig) -> AutoencoderKL:
     work = Path(cfg.work)
     final = work / "vae"
@@ -67,40 +61,40 @@ def train_vae(cfg: ToyTrainConfig) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(final)
     torch.manual_seed(cfg.seed)
     data = toy_arrays(cfg.n_images, work)
+    accelerator = Accelerator()
     vae = toy_model.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    ckpt = work / "vae_ckpt.pt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    rng = np.random.default_rng(cfg.seed + start)
+    schedule = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=cfg.vae_steps)
+    vae, opt = accelerator.prepare(vae, opt)
+    progress = Progress(torch.Generator().manual_seed(cfg.seed))  # draws the batches: the data position
+    accelerator.register_for_checkpointing(schedule, progress)
+    resume(accelerator, work / "vae_run")
     vae.train()
-    bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
-        x = torch.from_numpy(to_model_range(data["images"][rng.integers(0, cfg.n_images, cfg.vae_batch)]))
+    bar = tqdm(total=cfg.vae_steps, desc="vae", initial=progress.step)
+    while progress.step < cfg.vae_steps:
+        idx = torch.randint(0, cfg.n_images, (cfg.vae_batch,), generator=progress.generator)
+        x = torch.from_numpy(to_model_range(data["images"][idx.numpy()]))
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        recon = vae.decode(posterior.sample(progress.generator)).sample
         rec = F.mse_loss(recon, x)
         kl = posterior.kl().mean() / x[0].numel()
         loss = rec + cfg.vae_kl * kl
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
+        schedule.step()
+        progress.step += 1
+        bar.update(1)
         bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
-        if (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
-    vae.eval()
+        if progress.step % cfg.checkpoint_every == 0:
+            checkpoint(accelerator, work / "vae_run")
+    vae = accelerator.unwrap_model(vae).eval()
     with torch.no_grad():  # unit-variance latents, as SD's scaling factor gives
         x = torch.from_numpy(to_model_range(data["images"][:2048]))
         std = vae.encode(x).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(final)
-    print(f"vae: final reconstruction mse {rec.item():.5f}, scaling_factor {1.0 / std:.4f}")
+    print(f"vae: scaling_factor {1.0 / std:.4f}")
     return vae
 
 
@@ -129,53 +123,45 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
     trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = EMAModel(trained.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    lr_at = lambda s: cfg.unet_lr * min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.unet_steps))
+    schedule = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.unet_steps)
     trained, opt = accelerator.prepare(trained, opt)
+    progress = Progress(torch.Generator().manual_seed(cfg.seed))  # batches, noise, timesteps, caption dropout
+    accelerator.register_for_checkpointing(schedule, ema, progress)
 
     data = toy_arrays(cfg.n_images, work)
     means, stds, ids = _encode_dataset(vae, tokenizer, data)
     empty_ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     sf = vae.config.scaling_factor
-    alphas = scheduler.alphas_cumprod  # (T,)
-
-    ckpt, start, history = work / "unet_ckpt.pt", 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        trained.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        ema.load_state_dict(state["ema"])
-        start, history = state["step"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
-    rng = np.random.default_rng(cfg.seed + start)
-    bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
+    resume(accelerator, work / "unet_run")
+    bar = tqdm(total=cfg.unet_steps, desc="unet", initial=progress.step)
     t0 = time.time()
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        idx = torch.from_numpy(rng.integers(0, len(means), cfg.unet_batch))
-        latents = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * sf  # (B, 4, 16, 16)
+    while progress.step < cfg.unet_steps:
+        gen = progress.generator
+        idx = torch.randint(0, len(means), (cfg.unet_batch,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf  # (B, 4, 16, 16)
         batch_ids = ids[idx].clone()
-        drop = torch.from_numpy(rng.random(cfg.unet_batch) < cfg.caption_dropout)
-        batch_ids[drop] = empty_ids
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, len(alphas), (cfg.unet_batch,))
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        batch_ids[torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout] = empty_ids
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
         model = accelerator.unwrap_model(trained)
         text = model["text_encoder"](batch_ids)[0]  # (B, T, D)
         pred = model["unet"](noisy, t, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.snr_gamma > 0:  # down-weight the easy low-noise steps: shapes are decided at high noise
-            snr = alphas[t] / (1 - alphas[t])
+            snr = compute_snr(scheduler, t)
             per_sample = per_sample * torch.clamp(snr, max=cfg.snr_gamma) / snr
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
+        schedule.step()
         ema.step(trained.parameters())
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step):.1e}")
-        done = step + 1
+        progress.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
+        done = progress.step
         if done % cfg.eval_every == 0 or done == cfg.unet_steps:
             ema.store(trained.parameters())
             ema.copy_to(trained.parameters())
@@ -184,17 +170,16 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
                                            batch=min(48, cfg.eval_prompts)) for w in (0.0, 2.0)}
             unet.train(), text_encoder.train()
             ema.restore(trained.parameters())
-            history.append({"step": done, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **scores})
+            progress.history.append({"step": done, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **scores})
             tqdm.write(f"step {done}: alignment {scores}")
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
-            _save_checkpoint(ckpt, model=trained.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(),
-                             step=done, history=history, torch_rng=torch.get_rng_state())
+            checkpoint(accelerator, work / "unet_run")
 
     ema.copy_to(trained.parameters())
     out = Path(cfg.out)
     _pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(out)
     toy_model.save_tokenizer(tokenizer, out / "tokenizer")
-    (out / "training.json").write_text(json.dumps({"config": asdict(cfg), "history": history}, indent=1))
+    (out / "training.json").write_text(json.dumps({"config": asdict(cfg), "history": progress.history}, indent=1))
     print(f"saved toy model to {out}")
 
 

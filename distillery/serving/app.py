@@ -296,8 +296,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             adapter = await on_torch_thread(eng.registry.load, req.name, folder)
         except AdapterError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
-        finally:
-            eng.metrics.observe_registry(eng.registry)
         return {"name": adapter.name, "kind": adapter.meta.kind, "bytes": adapter.nbytes}
 
     @app.delete("/adapters/{name}", response_model=Unloaded, dependencies=[Depends(admin)], responses={
@@ -307,7 +305,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     })
     async def unload_adapter(name: str, eng: Engine = Depends(engine)) -> dict:
         await on_torch_thread(eng.registry.unload, name)  # it frees tensors: the torch thread's work
-        eng.metrics.observe_registry(eng.registry)
         return {"unloaded": name}
 
     @app.get("/model", response_model=ModelInfo)
@@ -321,8 +318,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
               "description": "Prometheus text exposition (docs/metrics.md)."}})
     async def metrics(eng: Engine = Depends(engine)) -> Response:
-        eng.metrics.observe_memory()
-        eng.metrics.observe_registry(eng.registry)  # on-demand reloads and evictions happen between scrapes
         return Response(generate_latest(eng.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", response_model=Health)

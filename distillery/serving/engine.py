@@ -132,6 +132,7 @@ class Engine:
         self.dead: BaseException | None = None
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self.metrics.watch(self.registry, self.pending)
 
     @property
     def default_guidance(self) -> float:
@@ -150,7 +151,6 @@ class Engine:
                 loaded.append(meta.parent.name)
             except AdapterError as exc:
                 log.warning("adapter %s not loaded: %s", meta.parent, exc)
-        self.metrics.observe_registry(self.registry)
         return loaded
 
     def resolve(self, job: Job, reload: bool = True) -> AdapterSet | None:
@@ -207,7 +207,6 @@ class Engine:
                          self.cost(job, rows_per_step(chosen)))
         self.registry.acquire(chosen)  # in use from now: neither evicted nor unloaded under the request
         self.pending.append(item)
-        self.metrics.queue_depth.set(len(self.pending))
         self._arrived.set()
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
@@ -234,7 +233,6 @@ class Engine:
             self.active.append(item)
             admitted.append(item)
             used += item.cost
-        self.metrics.queue_depth.set(len(self.pending))
         return admitted
 
     def _start(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
@@ -358,5 +356,4 @@ class Engine:
         timings = {"queue": (item.started - item.enqueued) * 1e3, **req.timings_ms,
                    "total": (now - item.enqueued) * 1e3}
         timings["denoise"] = (now - item.started) * 1e3 - req.timings_ms["text_encode"] - req.timings_ms["decode"]
-        self.metrics.observe_memory()
         item.future.set_result(Result(item.image, item.job, req.mode, req.unet_evaluations, timings, item.memory.peak()))

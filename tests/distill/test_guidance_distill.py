@@ -2,19 +2,17 @@
 
 import json
 
-from safetensors.torch import load_file
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 
-from distillery.distill.guidance_distill import GuidanceDistillConfig, attach_student, distill_guidance
-from distillery.adapters import AdapterError
-from distillery.sampling.guidance import guidance_embedding
+from distillery.adapters import LORA_FILE, AdapterError, AdapterRegistry
 from distillery.distill import toy_model
+from distillery.distill.guidance_distill import GuidanceDistillConfig, attach_student, distill_guidance
 from distillery.model import DiffusionModel, unet_fingerprint
+from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.pipeline import generate
-from distillery.adapters import AdapterRegistry
 
 
 def _inputs(model, b=2):
@@ -48,18 +46,28 @@ def test_untrained_student_equals_conditional_teacher_and_shares_w0(random_toy_f
     torch.testing.assert_close(model.unet(x, t, encoder_hidden_states=cond).sample, teacher)  # teacher intact
 
 
+def _distill(model_folder, root, steps: int, checkpoint_every: int):
+    cfg = GuidanceDistillConfig(model=str(model_folder), data="toy:12", out=str(root / "adapter"), work=str(root / "work"),
+                                steps=steps, batch=4, checkpoint_every=checkpoint_every, rank=4)  # 3 batches an epoch
+    return distill_guidance(cfg)
+
+
 @pytest.fixture(scope="module")
 def trained_adapter(random_toy_folder, tmp_path_factory):
+    """4 steps, stopped after step 2 and resumed from its checkpoint (the resume crosses an epoch's end)."""
     root = tmp_path_factory.mktemp("gd")
-    cfg = GuidanceDistillConfig(model=str(random_toy_folder), data="toy:64", out=str(root / "adapter"),
-                                work=str(root / "work"), steps=2, batch=4, checkpoint_every=2, rank=4)
-    distill_guidance(cfg)
-    first = torch.load(root / "work" / "checkpoint.pt", weights_only=False)
-    assert first["step"] == 2
-    cfg.steps = 4  # resume from the step-2 checkpoint and go on
-    distill_guidance(cfg)
-    assert torch.load(root / "work" / "checkpoint.pt", weights_only=False)["step"] == 4
-    return root / "adapter"
+    _distill(random_toy_folder, root, steps=2, checkpoint_every=2)
+    return _distill(random_toy_folder, root, steps=4, checkpoint_every=2)
+
+
+def test_a_resumed_run_equals_one_that_never_stopped(trained_adapter, random_toy_folder, tmp_path):
+    """accelerate's save_state/load_state with the data position: same batches, noise, optimizer and lr."""
+    straight = _distill(random_toy_folder, tmp_path, steps=4, checkpoint_every=100)
+    resumed, uninterrupted = (load_file(str(folder / LORA_FILE)) for folder in (trained_adapter, straight))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+    assert not all(torch.equal(v, torch.zeros_like(v)) for v in resumed.values())  # it trained
 
 
 def test_adapter_folder_format(trained_adapter, random_toy_folder):

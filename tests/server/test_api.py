@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server import engine as engine_module
+from distillery.serving import engine as engine_module
 from distillery.serving.app import create_app
 from distillery.serving.config import Settings
 from distillery.serving.engine import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server import engine as engine_module
+from distillery.serving import engine as engine_module
 from distillery.serving.app import create_app
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.serving.config import Settings
