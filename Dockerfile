@@ -10,10 +10,12 @@ RUN apt-get update \
 
 WORKDIR /app
 # Dependencies first (cached layer): torch 2.13.0 from PyPI is its CUDA build on linux x86_64.
-COPY pyproject.toml README.md ./
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install torch==2.13.0
+# The lock's versions, except triton: torch's CUDA build brings the triton it was built against.
+COPY pyproject.toml README.md constraints.txt ./
+RUN grep -v '^triton==' constraints.txt > /tmp/constraints.txt \
+    && python3 -m venv /opt/venv && /opt/venv/bin/pip install -c /tmp/constraints.txt torch==2.13.0
 COPY distillery distillery
-RUN /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install -c /tmp/constraints.txt .
 COPY --chown=distillery:distillery models /models
 
 ENV PATH=/opt/venv/bin:$PATH \

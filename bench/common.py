@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
-
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from distillery.adapters import AdapterRegistry, LoadedAdapter
+from distillery.model import DiffusionModel, unet_fingerprint
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.testing.sd15 import sd15_scheduler, sd15_unet
 from distillery.testing.synthetic_adapters import write_random_adapter
-from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from distillery.model import DiffusionModel, unet_fingerprint
-from distillery.adapters import AdapterRegistry, LoadedAdapter
 
 GUIDANCE_ADAPTER = "guidance-toy"
 

@@ -38,8 +38,12 @@ def _unet(scale: str, quick: bool):
 
 def _step(config: str, scale: str, quick: bool) -> int:
     """One training step of `config`; returns the process's peak RSS in bytes."""
-    from distillery.distill.guidance_distill import (GuidanceDistillConfig, attach_projection, attach_student,
-                                                     distillation_step)
+    from distillery.distill.guidance_distill import (
+        GuidanceDistillConfig,
+        attach_projection,
+        attach_student,
+        distillation_step,
+    )
     from distillery.sampling.guidance import guidance_embedding
     from distillery.testing.sd15 import sd15_scheduler
 

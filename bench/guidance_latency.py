@@ -13,16 +13,15 @@ projection (text encoder and VAE are not part of that figure).
 
 from __future__ import annotations
 
-import torch
-
 import tempfile
 from pathlib import Path
 
-from distillery.sampling.guidance import guidance_embedding
-from distillery.sampling.pipeline import Request, generate, unet_step
-from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler
+import torch
 
 from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
+from distillery.sampling.guidance import guidance_embedding
+from distillery.sampling.pipeline import Denoising, generate, unet_step
+from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler
 
 PROMPT = "a small blue triangle on a yellow background"
 
@@ -92,7 +91,7 @@ def _sd15(quick: bool) -> dict:
         def run_loop(adapters: tuple, text_uncond) -> None:
             noise = initial_noise(0, (4, latent, latent), "cpu", torch.float32)
             sampler = GuidedSampler(make_scheduler("ddim", model.scheduler_config), noise, 4, 2.0, cond, text_uncond)
-            request = Request(sampler, adapters)
+            request = Denoising(sampler, adapters)
             while not sampler.done:
                 unet_step(model, registry, [request])
 

@@ -10,12 +10,12 @@ import asyncio
 
 import httpx
 
-from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from distillery.serving.engine import TORCH_THREAD, Engine, Job
-from distillery.testing.launch import serve_subprocess
-from distillery.model import DiffusionModel
-
 from bench.common import interleaved_medians
+from distillery.model import DiffusionModel
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.serving.engine import Engine
+from distillery.serving.jobs import TORCH_THREAD, Job
+from distillery.testing.launch import serve_subprocess
 
 
 def run(quick: bool = False) -> dict:

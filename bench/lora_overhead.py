@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.testing.synthetic_adapters import write_random_adapter
-from distillery.sampling.guidance import guidance_embedding
-
 from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
+from distillery.sampling.guidance import guidance_embedding
+from distillery.testing.synthetic_adapters import write_random_adapter
 
 
 def _stock_copy(unet):
@@ -37,7 +36,7 @@ def _ratios(model, registry, adapter, latent: int, tokens: int, rounds: int) -> 
     stock = _stock_copy(unet)
     x = torch.randn(2, unet.config.in_channels, latent, latent)
     text = torch.randn(2, tokens, unet.config.cross_attention_dim)
-    t, w = torch.tensor([500, 500]), guidance_embedding(torch.zeros(2))
+    t, w_emb = torch.tensor([500, 500]), guidance_embedding(torch.zeros(2))
     chosen = ((adapter, 1.0),)
     batches = {"base": None}
     for path, budget in (("unmerged", 0), ("merged", 16 << 30)):  # each composed once, outside the timing
@@ -48,7 +47,7 @@ def _ratios(model, registry, adapter, latent: int, tokens: int, rounds: int) -> 
 
     def call(path):
         with registry.context.running(batches[path]), torch.no_grad():
-            unet(x, t, encoder_hidden_states=text, timestep_cond=w)
+            unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb)
 
     def call_stock():
         with torch.no_grad():

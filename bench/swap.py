@@ -14,12 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from distillery.testing.synthetic_adapters import write_random_adapter
+from bench.common import GUIDANCE_ADAPTER, sd15_with_adapter, toy_with_guidance_adapter
+from distillery.adapters import default_merged_budget
 from distillery.paths import EMBEDDED_ADAPTERS
 from distillery.sampling.pipeline import generate
-from distillery.adapters import default_merged_budget
-
-from bench.common import GUIDANCE_ADAPTER, sd15_with_adapter, toy_with_guidance_adapter
+from distillery.testing.synthetic_adapters import write_random_adapter
 
 
 def _switch_ms(registry, set_a, set_b, rows: int, repeats: int, first: bool = False) -> float:

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distillery.testing.synthetic_adapters import write_random_adapter
-from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from distillery.serving.engine import TORCH_THREAD, Engine, Job
-from distillery.model import DiffusionModel
-
 from bench.common import interleaved_medians
+from distillery.model import DiffusionModel
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.serving.engine import Engine
+from distillery.serving.jobs import TORCH_THREAD, Job
+from distillery.testing.synthetic_adapters import write_random_adapter
 
 CLIENTS = 8
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 from distillery.distill.evaluate import alignment
 from distillery.distill.toy_data import HELDOUT_COMBOS
-from distillery.paths import EMBEDDED_MODEL
 from distillery.model import DEFAULTS_FILE, DiffusionModel
+from distillery.paths import EMBEDDED_MODEL
 
 WEIGHTS = (0, 1, 2, 3, 5)
 

@@ -1,14 +1,15 @@
-"""`distillery` command line: generate, train the toy model and oracle, serve."""
+"""`distillery` command line: generate, serve, train the toy model and oracle, distill. Imports lazily:
+`distillery serve` loads no training code (tests/test_layout.py checks it)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from distillery.paths import EMBEDDED_MODEL
-
 
 
 def _generate(args) -> int:
@@ -24,10 +25,9 @@ def _generate(args) -> int:
             print(f"error: {e['message']}; got {e['input']!r}", file=sys.stderr)
         return 2
 
-    from distillery.adapters import AdapterError
+    from distillery.adapters import AdapterError, AdapterRegistry, check_guidance
     from distillery.model import DiffusionModel
     from distillery.sampling.pipeline import generate
-    from distillery.adapters import AdapterRegistry, check_guidance
 
     model = DiffusionModel.from_pretrained(args.model)
     adapters, registry = (), None
@@ -91,7 +91,16 @@ def _serve(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAINING = {  # command -> (module, config class): imported only when that command runs
+    "train-toy": ("distillery.distill.train_toy", "ToyTrainConfig",
+                  "train the embedded toy model (VAE, then UNet + text encoder)"),
+    "distill-guidance": ("distillery.distill.guidance_distill", "GuidanceDistillConfig",
+                         "guidance distillation: LoRA + w projection over the shared base"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; a training command's options (one per config field) are added only when it is `command`."""
     parser = argparse.ArgumentParser(prog="distillery")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -106,17 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out.png")
     g.set_defaults(run=_generate)
 
-    from distillery.distill.train_toy import ToyTrainConfig
-
-    t = sub.add_parser("train-toy", help="train the embedded toy model (VAE, then UNet + text encoder)")
-    _add_config_options(t, ToyTrainConfig)
-    t.set_defaults(run=_train_toy)
-
-    from distillery.distill.guidance_distill import GuidanceDistillConfig
-
-    d = sub.add_parser("distill-guidance", help="guidance distillation: LoRA + w projection over the shared base")
-    _add_config_options(d, GuidanceDistillConfig)
-    d.set_defaults(run=_distill_guidance)
+    for name, (module, config, help_text) in TRAINING.items():
+        t = sub.add_parser(name, help=help_text)
+        if name == command:
+            _add_config_options(t, getattr(importlib.import_module(module), config))
+        t.set_defaults(run={"train-toy": _train_toy, "distill-guidance": _distill_guidance}[name])
 
     o = sub.add_parser("train-oracle", help="train the colour/shape oracle on ground-truth renders")
     o.set_defaults(run=_train_oracle)
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     return args.run(args)
 
 

@@ -1,5 +1,4 @@
 import os
-
 from pathlib import Path
 
 # Triton runs on CPU only in its interpreter, which must be chosen before anything imports triton.
@@ -11,9 +10,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("DISTILLERY_TEST_THREADS", "2")))
 
+from distillery.model import DiffusionModel  # noqa: E402
 from distillery.paths import EMBEDDED_MODEL  # noqa: E402
 from distillery.testing.launch import serve_subprocess  # noqa: E402
-from distillery.model import DiffusionModel  # noqa: E402
 
 
 @pytest.fixture(scope="session")

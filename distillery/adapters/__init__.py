@@ -1,8 +1,23 @@
 """Adapters over the one frozen base: the file format, LoRA keys, residency, composition, serving layers."""
 
-from distillery.adapters.files import (KINDS, LORA_FILE, META_FILE, PROJECTION_FILE, AdapterError, AdapterMeta,
-                                       read_adapter, save_adapter)
-from distillery.adapters.loaded import AdapterSet, GuidanceOutOfRange, LoadedAdapter, check_guidance, guidance_adapter, set_key
+from distillery.adapters.files import (
+                                       KINDS,
+                                       LORA_FILE,
+                                       META_FILE,
+                                       PROJECTION_FILE,
+                                       AdapterError,
+                                       AdapterMeta,
+                                       read_adapter,
+                                       save_adapter,
+)
+from distillery.adapters.loaded import (
+                                       AdapterSet,
+                                       GuidanceOutOfRange,
+                                       LoadedAdapter,
+                                       check_guidance,
+                                       guidance_adapter,
+                                       set_key,
+)
 from distillery.adapters.merged import default_merged_budget
 from distillery.adapters.registry import AdapterRegistry
 from distillery.adapters.residency import AdapterInUse, UnknownAdapter

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig
+from torch import nn
 from tqdm import tqdm
 
 from distillery.adapters import AdapterMeta, save_adapter
@@ -89,8 +89,8 @@ def distillation_step(student, unet, latents: torch.Tensor, cond: torch.Tensor, 
         unet.disable_adapters()
         eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample.chunk(2)
         unet.enable_adapters()
-        w = guidance.view(-1, 1, 1, 1).to(eps_c.dtype)
-        target = eps_c + w * (eps_c - eps_u)  # (1 + w) eps_c - w eps_u
+        scale = guidance.view(-1, 1, 1, 1).to(eps_c.dtype)
+        target = eps_c + scale * (eps_c - eps_u)  # (1 + w) eps_c - w eps_u
     eps = student(x_t, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(guidance).to(x_t.dtype)).sample
     return F.mse_loss(eps.float(), target.float())
 

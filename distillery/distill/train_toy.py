@@ -166,8 +166,8 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
             ema.store(trained.parameters())
             ema.copy_to(trained.parameters())
             model = DiffusionModel(unet.eval(), vae, text_encoder.eval(), tokenizer, dict(scheduler.config), {})
-            scores = {f"w{w:g}": alignment(model, n=cfg.eval_prompts, guidance=w, steps=cfg.eval_steps,
-                                           batch=min(48, cfg.eval_prompts)) for w in (0.0, 2.0)}
+            scores = {f"w{guidance:g}": alignment(model, n=cfg.eval_prompts, guidance=guidance, steps=cfg.eval_steps,
+                                           batch=min(48, cfg.eval_prompts)) for guidance in (0.0, 2.0)}
             unet.train(), text_encoder.train()
             ema.restore(trained.parameters())
             progress.history.append({"step": done, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **scores})

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import os
 
-from distillery.kernels.lora import (add_to_rows, check_lora_args, copy_to_rows, gather_rows, lora_apply, lora_conv2d_reference,
-                          lora_linear_reference, over_channels, segments_of)
+from distillery.kernels.lora import (
+    add_to_rows,
+    check_lora_args,
+    copy_to_rows,
+    gather_rows,
+    lora_apply,
+    lora_conv2d_reference,
+    lora_linear_reference,
+    over_channels,
+    segments_of,
+)
 
 
 def backend(device) -> str:

@@ -74,7 +74,7 @@ def segments_of(row_adapter, with_base: bool = False) -> list[tuple[int, slice |
 
 
 def gather_rows(x: torch.Tensor, rows) -> torch.Tensor:
-    return x if rows is None else x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+    return x if rows is None else x[rows] if isinstance(rows, slice) else x.index_select(0, rows.to(x.device))
 
 
 def copy_to_rows(y: torch.Tensor, rows, part: torch.Tensor) -> None:
@@ -147,9 +147,9 @@ def _add_lora_all_slots(y, x, lora_a, lora_b, scales, segments) -> torch.Tensor:
 def over_channels(x: torch.Tensor, linear) -> torch.Tensor:
     """A linear map over the channels of (n, C, H, W): `linear` sees (n, H W, C) token rows (a 1 x 1
     convolution is one), so 1 x 1 convolutions take the per-row LoRA op like a Linear."""
-    n, c, h, w = x.shape
-    y = linear(x.permute(0, 2, 3, 1).reshape(n, h * w, c))  # (n, H W, N)
-    return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    n, c, height, width = x.shape
+    y = linear(x.permute(0, 2, 3, 1).reshape(n, height * width, c))  # (n, H W, N)
+    return y.view(n, height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 
 def _add_lora_terms(y, x, scales, segments, ranks, term) -> torch.Tensor:

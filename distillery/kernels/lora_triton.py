@@ -30,7 +30,7 @@ def _lora_linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_as, stride_ar, stride_ak, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, R: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -47,19 +47,19 @@ def _lora_linear_kernel(
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)  # (BM, BK)
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                    mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0).to(tl.float32)  # (BK, BN)
-        acc += tl.dot(x, w)
+        w_tile = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                         mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0).to(tl.float32)  # (BK, BN)
+        acc += tl.dot(x, w_tile, input_precision=PRECISION)
         for s in range(0, S):  # shrink, slot by slot, on the x tile already in registers
             a = tl.load(a_ptr + s * stride_as + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
                         mask=kk[:, None] < K, other=0.0).to(tl.float32)  # (BK, R)
-            t += tl.dot(tl.where((slot == s)[:, None], x, 0.0), a)
+            t += tl.dot(tl.where((slot == s)[:, None], x, 0.0), a, input_precision=PRECISION)
 
     for s in range(0, S):  # expand: acc += scale_s * t B_s^T for this slot's rows
         b = tl.load(b_ptr + s * stride_bs + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                     mask=rn[None, :] < N, other=0.0).to(tl.float32)  # (R, BN)
         scale = tl.load(scale_ptr + s).to(tl.float32)
-        acc += tl.dot(tl.where((slot == s)[:, None], t, 0.0), b) * scale
+        acc += tl.dot(tl.where((slot == s)[:, None], t, 0.0), b, input_precision=PRECISION) * scale
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -87,6 +87,8 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, R=r, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # fp32 inputs get fp32 products (torch's default for fp32 matmul; TF32 missed 1e-4 on an H100)
+        HAS_BIAS=bias is not None, R=r, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y.view(*lead, n)

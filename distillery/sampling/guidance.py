@@ -15,7 +15,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 EMBEDDING_DIM = 256  # LCM's choice for SD; the toy uses the same
 
 
-def guidance_embedding(w: torch.Tensor, dim: int = EMBEDDING_DIM) -> torch.Tensor:
+def guidance_embedding(guidance: torch.Tensor, dim: int = EMBEDDING_DIM) -> torch.Tensor:
     """(B,) guidance weights -> (B, dim) sinusoidal features of 1000 w (LCM's scaling)."""
-    return get_timestep_embedding(w.float() * 1000.0, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    return get_timestep_embedding(guidance.float() * 1000.0, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
 

@@ -1,4 +1,4 @@
-"""Text -> image: requests become samplers, samplers share UNet calls, latents become PNGs.
+"""Text -> image: denoisings become samplers, samplers share UNet calls, latents become PNGs.
 
 `unet_step` is the one place that turns the rows of many samplers (any timesteps, w, adapter
 sets and schedulers) into UNet calls: one per latent shape in throughput mode, one per image
@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from distillery.sampling.guidance import guidance_embedding
-from distillery.model import DiffusionModel
 from distillery.adapters import AdapterRegistry, AdapterSet, guidance_adapter, set_key
+from distillery.model import DiffusionModel
+from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler
 
 
 @dataclass
-class Request:
+class Denoising:
     """One image in flight: its sampler, its adapters, its clocks."""
 
     sampler: GuidedSampler
@@ -51,10 +51,10 @@ def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tup
     return list(text.split([len(p) for p in prompt_lists])), (time.perf_counter() - t0) * 1e3
 
 
-def start_request(model: DiffusionModel, prompt: str, seed: int, guidance: float, steps: int,
+def start_denoising(model: DiffusionModel, prompt: str, seed: int, guidance: float, steps: int,
                   scheduler: str = "ddim", adapters: AdapterSet = (), rescale: float = 0.0,
                   height: int | None = None, width: int | None = None, negative_prompt: str = "",
-                  encoded: tuple[torch.Tensor, float] | None = None) -> Request:
+                  encoded: tuple[torch.Tensor, float] | None = None) -> Denoising:
     """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler.
 
     A guidance-distilled adapter in `adapters` -> single-eval sampling; otherwise CFG.
@@ -68,48 +68,48 @@ def start_request(model: DiffusionModel, prompt: str, seed: int, guidance: float
     noise = initial_noise(seed, shape, model.device, model.dtype)
     sampler = GuidedSampler(make_scheduler(scheduler, model.scheduler_config), noise, steps, guidance,
                             cond=text[:1], uncond=None if single else text[1:], rescale=rescale)
-    return Request(sampler, tuple(adapters), {"text_encode": text_ms})
+    return Denoising(sampler, tuple(adapters), {"text_encode": text_ms})
 
 
 @torch.no_grad()
-def unet_step(model: DiffusionModel, registry: AdapterRegistry | None, requests: list[Request],
-              deterministic: bool = False) -> list[tuple[Request, Exception]]:
-    """One denoising step for every request; returns the requests whose own scheduler step failed.
+def unet_step(model: DiffusionModel, registry: AdapterRegistry | None, denoisings: list[Denoising],
+              deterministic: bool = False) -> list[tuple[Denoising, Exception]]:
+    """One denoising step for every request; returns the denoisings whose own scheduler step failed.
 
-    Throughput mode: one UNet call per latent shape over all its requests' rows, placed by adapter set
+    Throughput mode: one UNet call per latent shape over all its denoisings' rows, placed by adapter set
     (each set's rows one contiguous slice: views, not gathers, in the LoRA layers). Deterministic mode:
     one call per image row, whose inputs are made from the request alone, so every operation sees the
     same shapes, layouts and values whatever else is in flight: the image's bits cannot depend on the
     batch, on any BLAS. Every UNet call runs before any sampler advances: if one raises, no request
     has moved and each can be stepped again.
     """
-    if registry is None and any(r.adapters for r in requests):
+    if registry is None and any(r.adapters for r in denoisings):
         raise ValueError("adapters need an AdapterRegistry (making one installs the serving layers)")
-    eps_of: list[tuple[Request, torch.Tensor]] = []
+    eps_of: list[tuple[Denoising, torch.Tensor]] = []
     if deterministic:
-        for req in requests:
-            rows = req.sampler.rows()
+        for den in denoisings:
+            rows = den.sampler.rows()
             eps = [_unet_call(model, registry, [rows.latents[i:i + 1].clone()], [rows.timestep.reshape(1)],
-                              [rows.text[i:i + 1].clone()], [rows.guidance[i:i + 1]], [req.adapters])
+                              [rows.text[i:i + 1].clone()], [rows.guidance[i:i + 1]], [den.adapters])
                    for i in range(rows.latents.shape[0])]
-            eps_of.append((req, torch.cat(eps)))
+            eps_of.append((den, torch.cat(eps)))
     else:
-        by_shape: dict[tuple, list[Request]] = {}
-        for req in sorted(requests, key=lambda r: set_key(r.adapters)):
-            by_shape.setdefault(tuple(req.sampler.latents.shape), []).append(req)
+        by_shape: dict[tuple, list[Denoising]] = {}
+        for den in sorted(denoisings, key=lambda r: set_key(r.adapters)):
+            by_shape.setdefault(tuple(den.sampler.latents.shape), []).append(den)
         for group in by_shape.values():
             rows = [r.sampler.rows() for r in group]
             n = [r.latents.shape[0] for r in rows]
             eps = _unet_call(model, registry, [r.latents for r in rows],
                              [r.timestep.reshape(1).expand(k) for r, k in zip(rows, n)], [r.text for r in rows],
-                             [r.guidance for r in rows], [req.adapters for req, k in zip(group, n) for _ in range(k)])
+                             [r.guidance for r in rows], [den.adapters for den, k in zip(group, n) for _ in range(k)])
             eps_of += zip(group, eps.split(n))
     failed = []
-    for req, eps in eps_of:
+    for den, eps in eps_of:
         try:
-            req.sampler.advance(eps)
+            den.sampler.advance(eps)
         except Exception as exc:  # noqa: BLE001 - this request's own scheduler; the others go on
-            failed.append((req, exc))
+            failed.append((den, exc))
     return failed
 
 
@@ -127,19 +127,19 @@ def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents,
 
 
 @torch.no_grad()
-def finish_requests(model: DiffusionModel, requests: list[Request], together: bool = False) -> list[Image.Image]:
-    """Decode finished requests: one at a time, or (`together`, throughput mode) one VAE call per latent shape."""
+def finish_denoising(model: DiffusionModel, denoisings: list[Denoising], together: bool = False) -> list[Image.Image]:
+    """Decode finished denoisings: one at a time, or (`together`, throughput mode) one VAE call per latent shape."""
     groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(requests):
+    for i, r in enumerate(denoisings):
         groups.setdefault(tuple(r.sampler.latents.shape) if together else (i,), []).append(i)
-    images: list[Image.Image | None] = [None] * len(requests)
+    images: list[Image.Image | None] = [None] * len(denoisings)
     for members in groups.values():
         t0 = time.perf_counter()
-        decoded = model.decode(torch.cat([requests[i].sampler.latents for i in members]))
+        decoded = model.decode(torch.cat([denoisings[i].sampler.latents for i in members]))
         ms = (time.perf_counter() - t0) * 1e3
         for i, image in zip(members, decoded):
             images[i] = image
-            requests[i].timings_ms["decode"] = ms
+            denoisings[i].timings_ms["decode"] = ms
     return images
 
 
@@ -157,13 +157,13 @@ def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidan
              deterministic: bool = False) -> Generated:
     """Several prompts with the same settings, stepped together. Adapters need the `registry` they were
     loaded into; without adapters the model runs as it is (a model nobody serves stays untouched)."""
-    requests = [start_request(model, p, s, guidance, steps, scheduler, adapters, rescale, height, width)
+    denoisings = [start_denoising(model, p, s, guidance, steps, scheduler, adapters, rescale, height, width)
                 for p, s in zip(prompts, seeds)]
     t0 = time.perf_counter()
-    while not requests[0].sampler.done:
-        if failed := unet_step(model, registry, requests, deterministic):
+    while not denoisings[0].sampler.done:
+        if failed := unet_step(model, registry, denoisings, deterministic):
             raise failed[0][1]
     denoise_ms = (time.perf_counter() - t0) * 1e3
-    images = finish_requests(model, requests, together=not deterministic)
-    timings = {k: sum(r.timings_ms[k] for r in requests) for k in ("text_encode", "decode")}
-    return Generated(images, requests[0].unet_evaluations, requests[0].mode, {**timings, "denoise": denoise_ms})
+    images = finish_denoising(model, denoisings, together=not deterministic)
+    timings = {k: sum(r.timings_ms[k] for r in denoisings) for k in ("text_encode", "decode")}
+    return Generated(images, denoisings[0].unet_evaluations, denoisings[0].mode, {**timings, "denoise": denoise_ms})

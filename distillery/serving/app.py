@@ -11,59 +11,38 @@ import os
 import secrets
 import signal
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from distillery.adapters import AdapterError
-from distillery.serving.config import Settings, get_settings
-from distillery.serving.engine import Engine, EngineUnavailable, InvalidJob, Job, QueueFull, RequestTimeout, on_torch_thread
 from distillery.model import DiffusionModel
-from distillery.adapters import AdapterInUse, GuidanceOutOfRange, UnknownAdapter
-from distillery.serving.schemas import (MAX_SEED, MAX_STEPS, AdapterList, AdapterLoaded, GenerateJSON, GenerateRequest, Health,
-                            InvalidFields, LoadAdapterRequest, ModelInfo, Problem, Readiness, Unloaded,
-                            describe_errors)
+from distillery.serving.config import API_KEY_ENV, Settings, get_settings
+from distillery.serving.engine import Engine
+from distillery.serving.errors import install_error_handlers, unprocessable
+from distillery.serving.jobs import Job, on_torch_thread
+from distillery.serving.openapi import ADMIN, INVALID, PNG_HEADERS, RETRY_AFTER, Limits, install_openapi
+from distillery.serving.schemas import (
+    AdapterList,
+    AdapterLoaded,
+    GenerateJSON,
+    GenerateRequest,
+    Health,
+    LoadAdapterRequest,
+    ModelInfo,
+    Problem,
+    Readiness,
+    Unloaded,
+)
 
 log = logging.getLogger("distillery.app")
 
 DISCONNECT_POLL_S = 0.05
-RETRY_AFTER_FULL_S = 1  # a full queue drains within a few UNet steps
-RETRY_AFTER_UNAVAILABLE_S = 5  # timed out, warming up, stopping or restarting: give it longer
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = 256  # unless the environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY (see load())
-API_KEY_ENV = "DISTILLERY_API_KEY"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a request may ask of the loaded model here; enforced in `to_job` and stated in the OpenAPI document."""
-
-    max_steps: int
-    size_step: int
-    max_size: int
-
-    @classmethod
-    def of(cls, model: DiffusionModel, settings: Settings) -> Limits:
-        caps = [MAX_STEPS, model.max_steps] + ([settings.max_steps] if settings.max_steps else [])
-        return cls(max(1, min(caps)), model.size_step, 2 * model.default_size)
-
-
-def _unprocessable(field: str, message: str) -> HTTPException:
-    return HTTPException(status_code=422, detail=[{"field": field, "message": message}])
-
-
-def _problem(status: int, detail: str, retry_after_s: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
 
 
 def _exit_process(cause: BaseException) -> None:
@@ -77,31 +56,6 @@ def _describe(adapter) -> dict:
     meta = adapter.meta
     out = {"kind": meta.kind, "rank": meta.rank, "bytes": adapter.nbytes, "recommended_steps": meta.recommended_steps}
     return {**out, "w_range": [meta.w_min, meta.w_max]} if adapter.single_eval else out
-
-
-# ---- what each route can answer besides its success, for the OpenAPI document
-
-RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
-                               "schema": {"type": "integer", "minimum": 0}}}
-INVALID = {422: {"model": InvalidFields, "description": "Invalid fields: each named, with the value and what is "
-                                                        "allowed."}}
-ADMIN = {
-    401: {"model": Problem, "description": "Missing or wrong `X-API-Key`.",
-          "headers": {"WWW-Authenticate": {"description": "The scheme: the `X-API-Key` header.",
-                                           "schema": {"type": "string"}}}},
-    403: {"model": Problem, "description": f"Admin routes are disabled: the server has no `{API_KEY_ENV}`."},
-}
-PNG_HEADERS = {name: {"description": what, "schema": {"type": kind}} for name, kind, what in [
-    ("X-Seed", "integer", "png only: the seed used."),
-    ("X-Guidance", "number", "png only: w used."),
-    ("X-Steps", "integer", "png only: steps used."),
-    ("X-Mode", "string", "png only: cfg or single-eval."),
-    ("X-UNet-Evaluations", "integer", "png only: UNet rows evaluated for this image."),
-    ("X-Adapters", "string", "png only: adapter names, comma-separated."),
-    ("X-Peak-Memory-Bytes", "integer", "png only: peak memory during the request."),
-    ("X-Peak-Memory-Kind", "string", "png only: what the peak measures."),
-    ("X-Info", "string", "png only: the json format's `info`, as JSON."),
-]}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -136,51 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "per-request adapters, step-level batching. `guidance` is w: "
                               "eps = (1 + w) eps(c) - w eps(empty).")
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        schema = {"/adapters": LoadAdapterRequest, "/generate": GenerateRequest}.get(request.url.path)
-        return JSONResponse(status_code=422, content={"detail": describe_errors(schema, exc.errors())})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 405:  # Starlette's Allow names one route's methods; a path can have several routes
-            allowed = sorted({m for r in request.app.router.routes if getattr(r, "methods", None)
-                              and r.matches(request.scope)[0] != Match.NONE for m in r.methods})
-            exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(allowed)})
-        return await http_exception_handler(request, exc)
-
-    @app.exception_handler(InvalidJob)
-    async def invalid_job(request: Request, exc: InvalidJob):
-        return JSONResponse(status_code=422, content={"detail": [{"field": exc.field, "message": str(exc)}]})
-
-    @app.exception_handler(GuidanceOutOfRange)
-    async def guidance_out_of_range(request: Request, exc: GuidanceOutOfRange):
-        return JSONResponse(status_code=422, content={"detail": [{"field": "guidance", "message": str(exc)}]})
-
-    @app.exception_handler(UnknownAdapter)
-    async def unknown_adapter(request: Request, exc: UnknownAdapter):
-        return _problem(404, exc.args[0])
-
-    @app.exception_handler(AdapterInUse)
-    async def adapter_in_use(request: Request, exc: AdapterInUse):
-        return _problem(409, str(exc))
-
-    @app.exception_handler(AdapterError)
-    async def unusable_adapter_set(request: Request, exc: AdapterError):
-        return JSONResponse(status_code=422, content={"detail": [{"field": "adapters", "message": str(exc)}]})
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, exc: QueueFull):
-        return _problem(429, str(exc), RETRY_AFTER_FULL_S)
-
-    @app.exception_handler(RequestTimeout)
-    async def request_timeout(request: Request, exc: RequestTimeout):
-        return _problem(503, str(exc) or f"not answered within {settings.request_timeout_s} s; retry later",
-                        RETRY_AFTER_UNAVAILABLE_S)
-
-    @app.exception_handler(EngineUnavailable)
-    async def engine_unavailable(request: Request, exc: EngineUnavailable):
-        return _problem(503, str(exc) or "the engine is not serving right now; retry later", RETRY_AFTER_UNAVAILABLE_S)
+    install_error_handlers(app, settings)
 
     def engine(request: Request) -> Engine:
         return request.app.state.engine
@@ -202,10 +112,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for field in ("width", "height"):
             value = getattr(req, field)
             if value is not None and (value % step or not step <= value <= most):
-                raise _unprocessable(field, f"{field}: {value} is not allowed (allowed: a multiple of {step} "
+                raise unprocessable(field, f"{field}: {value} is not allowed (allowed: a multiple of {step} "
                                             f"in [{step}, {most}])")
         if req.steps is not None and req.steps > limits.max_steps:
-            raise _unprocessable("steps", f"steps: {req.steps} is more than this server allows "
+            raise unprocessable("steps", f"steps: {req.steps} is more than this server allows "
                                           f"(allowed: integer in [1, {limits.max_steps}])")
         return Job(prompt=req.prompt, seed=req.seed, scheduler=req.scheduler,
                    guidance=eng.default_guidance if req.guidance is None else req.guidance,
@@ -331,45 +241,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ready = bool(eng and eng.ready)
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            _drop_impossible_422(doc)
-            # FastAPI's document model turns bounds into floats, and 2**63 - 1 is not one: the exact integer
-            doc["components"]["schemas"]["GenerateRequest"]["properties"]["seed"]["maximum"] = MAX_SEED
-            limits = getattr(app.state, "limits", None)
-            if limits is None:  # before the model loads: the static bounds only, and not cached
-                return doc
-            _state_limits(doc, limits)
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi
+    install_openapi(app)
     return app
-
-
-def _drop_impossible_422(doc: dict) -> None:
-    """FastAPI adds a 422 to every route with a parameter; a free-form path name (DELETE /adapters/{name}) can't
-    be invalid, and its body shape is not this API's. Routes whose 422 is real declare it themselves."""
-    for path in doc["paths"].values():
-        for op in path.values():
-            ref = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
-            if ref.get("$ref", "").endswith("/HTTPValidationError"):
-                del op["responses"]["422"]
-    schemas = doc.get("components", {}).get("schemas", {})
-    if "HTTPValidationError" in schemas and "HTTPValidationError" not in json.dumps(doc["paths"]):
-        schemas.pop("HTTPValidationError")
-        schemas.pop("ValidationError", None)
-
-
-def _state_limits(doc: dict, limits: Limits) -> None:
-    """The loaded model's bounds on steps and sizes in GenerateRequest, so that schema-valid data is accepted."""
-    props = doc["components"]["schemas"]["GenerateRequest"]["properties"]
-
-    def integer_branch(prop: dict) -> dict:
-        return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == "integer")
-
-    integer_branch(props["steps"])["maximum"] = limits.max_steps
-    for field in ("width", "height"):
-        branch = integer_branch(props[field])
-        branch.update(minimum=limits.size_step, maximum=limits.max_size, multipleOf=limits.size_step)

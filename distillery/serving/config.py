@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+
+API_KEY_ENV = "DISTILLERY_API_KEY"  # the admin routes' key (Settings.api_key)
 
 
 class Settings(BaseSettings):

@@ -15,103 +15,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillery.adapters import META_FILE, AdapterError
-from distillery.serving.memory import MemoryTracker
-from distillery.serving.metrics import Metrics
+from distillery.adapters import META_FILE, AdapterError, AdapterRegistry, AdapterSet, check_guidance, guidance_adapter
 from distillery.model import DiffusionModel
-from distillery.sampling.pipeline import Request, encode_together, finish_requests, generate, prompts_of, start_request, unet_step
-from distillery.adapters import AdapterRegistry, AdapterSet, check_guidance, guidance_adapter
+from distillery.sampling.pipeline import (
+    encode_together,
+    finish_denoising,
+    generate,
+    prompts_of,
+    start_denoising,
+    unet_step,
+)
+from distillery.serving.jobs import (
+    EngineUnavailable,
+    InFlight,
+    InvalidJob,
+    Job,
+    QueueFull,
+    RequestTimeout,
+    Result,
+    on_torch_thread,
+    rows_per_step,
+)
+from distillery.serving.metrics import Metrics
 
 log = logging.getLogger("distillery.engine")
-
-
-class QueueFull(Exception):
-    """The queue holds `queue_size` requests already: 429 with Retry-After."""
-
-
-class RequestTimeout(Exception):
-    """Not answered within the request timeout (queued and running): 503 with Retry-After."""
-
-
-class EngineUnavailable(Exception):
-    """Not warmed up yet, stopping, or its worker died: 503 with Retry-After."""
-
-
-class InvalidJob(ValueError):
-    """A job the engine cannot run as asked, found with what only the engine knows: 422 naming `field`."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-# Every torch call of the server runs on this ONE thread. Each thread that enters torch gets its
-# own OpenMP pool, and once a process has two, every parallel region in it ran ~2.4x slower on
-# this 2-core machine (measured: a toy generation 0.5 s -> 1.2 s, whichever thread ran it).
-TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillery-torch")
-
-
-async def on_torch_thread(fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(TORCH_THREAD, fn, *args)
-
-
-@dataclass(frozen=True)
-class Job:
-    prompt: str
-    guidance: float
-    steps: int
-    seed: int
-    scheduler: str = "ddim"
-    adapters: tuple[tuple[str, float], ...] = ()
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str = ""
-
-
-@dataclass
-class Result:
-    image: object  # PIL.Image
-    job: Job
-    mode: str
-    unet_evaluations: int
-    timings_ms: dict[str, float]
-    peak_memory: dict[str, float]
-
-    @property
-    def png(self) -> bytes:
-        buf = io.BytesIO()
-        self.image.save(buf, format="PNG")
-        return buf.getvalue()
-
-
-def rows_per_step(adapters: AdapterSet) -> int:
-    """UNet rows a request takes per step: 1 single-eval (a guidance-distilled adapter in its set), 2 CFG."""
-    return 1 if guidance_adapter(adapters) else 2
-
-
-@dataclass
-class _InFlight:
-    job: Job
-    adapters: AdapterSet
-    future: asyncio.Future
-    enqueued: float
-    cost: float  # native-size rows: UNet rows x latent pixels / the model's native latent pixels
-    request: Request | None = None
-    started: float = 0.0
-    image: object = None
-    memory: MemoryTracker = field(default_factory=MemoryTracker)
-
-    @property
-    def rows(self) -> int:
-        return rows_per_step(self.adapters)
 
 
 class Engine:
@@ -126,8 +58,8 @@ class Engine:
         self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
         self.deterministic = deterministic
         self.on_death = on_death
-        self.pending: deque[_InFlight] = deque()
-        self.active: list[_InFlight] = []
+        self.pending: deque[InFlight] = deque()
+        self.active: list[InFlight] = []
         self.ready = False
         self.dead: BaseException | None = None
         self._arrived = asyncio.Event()
@@ -203,7 +135,7 @@ class Engine:
         if len(self.pending) >= self.queue_size:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
-        item = _InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter(),
+        item = InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter(),
                          self.cost(job, rows_per_step(chosen)))
         self.registry.acquire(chosen)  # in use from now: neither evicted nor unloaded under the request
         self.pending.append(item)
@@ -220,7 +152,7 @@ class Engine:
     def _why_unavailable(self) -> str:
         return f"its worker died: {self.dead!r}" if self.dead else "not ready"
 
-    def _admit(self) -> list[_InFlight]:
+    def _admit(self) -> list[InFlight]:
         """Move pending requests in flight, in order, while their cost fits `max_rows` (one always fits)."""
         used = sum(a.cost for a in self.active)
         admitted = []
@@ -235,7 +167,7 @@ class Engine:
             used += item.cost
         return admitted
 
-    def _start(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
+    def _start(self, items: list[InFlight]) -> list[tuple[InFlight, Exception]]:
         """Encode the admitted requests' prompts (throughput mode: in one text-encoder call) and make their
         samplers (on the torch thread)."""
         encoded = [None] * len(items)
@@ -250,14 +182,14 @@ class Engine:
         for item, enc in zip(items, encoded):
             j = item.job
             try:
-                item.request = start_request(self.model, j.prompt, j.seed, j.guidance, j.steps, j.scheduler,
+                item.denoising = start_denoising(self.model, j.prompt, j.seed, j.guidance, j.steps, j.scheduler,
                                              item.adapters, height=j.height, width=j.width,
                                              negative_prompt=j.negative_prompt, encoded=enc)
             except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
                 failed.append((item, exc))
         return failed
 
-    def _step(self, active: list[_InFlight]) -> tuple[list[_InFlight], list[tuple[_InFlight, Exception]]]:
+    def _step(self, active: list[InFlight]) -> tuple[list[InFlight], list[tuple[InFlight, Exception]]]:
         """One step for all in flight (on the torch thread): (finished and decoded, failed). If a shared
         UNet call fails (nothing has advanced then), each request steps alone, and only those that fail
         alone fail."""
@@ -276,15 +208,15 @@ class Engine:
             if any(a is f for f, _ in failed):
                 continue
             a.memory.sample()
-            if a.request.sampler.done:
+            if a.denoising.sampler.done:
                 finished.append(a)
         try:
-            images = finish_requests(self.model, [a.request for a in finished], together=not self.deterministic)
+            images = finish_denoising(self.model, [a.denoising for a in finished], together=not self.deterministic)
         except Exception:  # noqa: BLE001 - decode one by one: only a request that fails alone fails
             images = []
             for a in finished:
                 try:
-                    images += finish_requests(self.model, [a.request])
+                    images += finish_denoising(self.model, [a.denoising])
                 except Exception as exc:  # noqa: BLE001
                     images.append(None)
                     failed.append((a, exc))
@@ -292,13 +224,13 @@ class Engine:
             a.image = image
         return [a for a in finished if a.image is not None], failed
 
-    def _unet_step(self, items: list[_InFlight]) -> list[tuple[_InFlight, Exception]]:
+    def _unet_step(self, items: list[InFlight]) -> list[tuple[InFlight, Exception]]:
         """unet_step over the items; returns the items whose own scheduler step failed."""
-        failed = unet_step(self.model, self.registry, [a.request for a in items], self.deterministic)
+        failed = unet_step(self.model, self.registry, [a.denoising for a in items], self.deterministic)
         rows = sum(a.rows for a in items)
         self.metrics.batch_rows.observe(rows)
         self.metrics.unet_evaluations.inc(rows)
-        return [(next(a for a in items if a.request is req), exc) for req, exc in failed]
+        return [(next(a for a in items if a.denoising is den), exc) for den, exc in failed]
 
     async def _run(self) -> None:
         while True:
@@ -339,7 +271,7 @@ class Engine:
         if self.on_death is not None:
             self.on_death(self.dead)
 
-    def _close(self, item: _InFlight, outcome: str, exc: BaseException | None = None) -> None:
+    def _close(self, item: InFlight, outcome: str, exc: BaseException | None = None) -> None:
         """Release the request's adapters, record it, and answer it (if anyone still waits)."""
         self.registry.release(item.adapters)
         now = time.perf_counter()
@@ -352,8 +284,8 @@ class Engine:
         if exc is not None:
             item.future.set_exception(exc)
             return
-        req = item.request
-        timings = {"queue": (item.started - item.enqueued) * 1e3, **req.timings_ms,
+        den = item.denoising
+        timings = {"queue": (item.started - item.enqueued) * 1e3, **den.timings_ms,
                    "total": (now - item.enqueued) * 1e3}
-        timings["denoise"] = (now - item.started) * 1e3 - req.timings_ms["text_encode"] - req.timings_ms["decode"]
-        item.future.set_result(Result(item.image, item.job, req.mode, req.unet_evaluations, timings, item.memory.peak()))
+        timings["denoise"] = (now - item.started) * 1e3 - den.timings_ms["text_encode"] - den.timings_ms["decode"]
+        item.future.set_result(Result(item.image, item.job, den.mode, den.unet_evaluations, timings, item.memory.peak()))

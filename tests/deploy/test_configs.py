@@ -7,11 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import compose
 import jsonschema
 import pytest
 import yaml
-
-import compose
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = Path(compose.__file__).parent / "docker-compose"  # the binary: the Python wrapper always exits 0
@@ -107,7 +106,7 @@ def test_grafana_dashboard_queries_only_known_metrics():
     documented = (ROOT / "docs/metrics.md").read_text()
     rules = (ROOT / "deploy/rules.yml").read_text()
     for expr in exprs:
-        names = [w for w in expr.replace("(", " ").replace("[", " ").replace("{", " ").split() if w.startswith("distillery")]
+        names = [word for word in expr.replace("(", " ").replace("[", " ").replace("{", " ").split() if word.startswith("distillery")]
         for name in names:
             base = name.removesuffix("_bucket").removesuffix("_total")
             assert base in documented or name in rules, name

@@ -9,8 +9,8 @@ from transformers import CLIPTextModel
 
 from distillery.distill.evaluate import alignment
 from distillery.distill.train_toy import ToyTrainConfig, train_toy
-from distillery.paths import EMBEDDED_MODEL
 from distillery.model import DiffusionModel
+from distillery.paths import EMBEDDED_MODEL
 from distillery.sampling.pipeline import generate
 
 

@@ -24,12 +24,12 @@ def _case(m, k, n, slots, ranks, dtype, tokens=None, seed=0):
         a[s, :rs] = torch.randn(rs, k, generator=g) / k**0.5
         b[s, :, :rs] = torch.randn(n, rs, generator=g) / rs**0.5
     x = torch.randn((m, tokens, k) if tokens else (m, k), generator=g)
-    w = torch.randn(n, k, generator=g) / k**0.5
+    weight = torch.randn(n, k, generator=g) / k**0.5
     bias = torch.randn(n, generator=g)
     rows = torch.randint(-1, slots, (m,), generator=g)
     scales = torch.rand(slots, generator=g) + 0.5
     to = dict(device=DEVICE, dtype=dtype)
-    return x.to(**to), w.to(**to), bias.to(**to), a.to(**to), b.to(**to), scales.to(DEVICE), rows.to(DEVICE)
+    return x.to(**to), weight.to(**to), bias.to(**to), a.to(**to), b.to(**to), scales.to(DEVICE), rows.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -43,12 +43,12 @@ def test_matches_reference(dtype, ranks, m, n, slots):
 
 
 def test_token_rows_and_no_bias():
-    x, w, _, a, b, scales, rows = _case(3, 16, 20, 2, (8,), torch.float32, tokens=5)
-    torch.testing.assert_close(lora_linear_triton(x, w, None, a, b, scales, rows),
-                               lora_linear_reference(x, w, None, a, b, scales, rows), rtol=1e-4, atol=1e-4)
+    x, weight, _, a, b, scales, rows = _case(3, 16, 20, 2, (8,), torch.float32, tokens=5)
+    torch.testing.assert_close(lora_linear_triton(x, weight, None, a, b, scales, rows),
+                               lora_linear_reference(x, weight, None, a, b, scales, rows), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_shapes_name_the_tensors():
-    x, w, bias, a, b, scales, rows = _case(4, 16, 8, 2, (4,), torch.float32)
+    x, weight, bias, a, b, scales, rows = _case(4, 16, 8, 2, (4,), torch.float32)
     with pytest.raises(ValueError, match=r"lora_b \(2, 8, 3\)"):
-        lora_linear_triton(x, w, bias, a, b[:, :, :3], scales, rows)
+        lora_linear_triton(x, weight, bias, a, b[:, :, :3], scales, rows)

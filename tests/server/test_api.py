@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from distillery.serving import engine as engine_module
+from distillery.serving import jobs as jobs_module
 from distillery.serving.app import create_app
 from distillery.serving.config import Settings
-from distillery.serving.engine import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout
+from distillery.serving.jobs import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout
 from distillery.serving.schemas import MAX_SEED
 
 
@@ -206,14 +206,14 @@ def test_png_is_encoded_off_the_event_loop(client, monkeypatch):
         threads["loop"] = threading.get_ident()
         return await submit(job)
 
-    encode = engine_module.Result.png.fget
+    encode = jobs_module.Result.png.fget
 
     def recording_png(result):
         threads["png"] = threading.get_ident()
         return encode(result)
 
     monkeypatch.setattr(client.app.state.engine, "submit", recording_submit)
-    monkeypatch.setattr(engine_module.Result, "png", property(recording_png))
+    monkeypatch.setattr(jobs_module.Result, "png", property(recording_png))
     _png(client.post("/generate", json={"prompt": "x", "steps": 2}))
     assert threads["png"] != threads["loop"]
 

@@ -13,12 +13,12 @@ import random
 import pytest
 import torch
 
-from distillery.testing.synthetic_adapters import write_random_adapter
+from distillery.adapters import AdapterRegistry
+from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import guidance_embedding
-from distillery.model import DiffusionModel
-from distillery.sampling.pipeline import start_request, unet_step
-from distillery.adapters import AdapterRegistry
+from distillery.sampling.pipeline import start_denoising, unet_step
+from distillery.testing.synthetic_adapters import write_random_adapter
 
 CONV_TARGETS = ["to_q", "to_v", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "time_emb_proj",
                 "downsamplers.0.conv", "upsamplers.0.conv"]
@@ -42,7 +42,7 @@ def served(tmp_path_factory):
 def _request(model, sets, seed: int, size=(32, 32)):
     rng = random.Random(seed)
     chosen = sets[seed % len(sets)]
-    return start_request(model, f"a red circle {seed}", seed, rng.uniform(0, 5), rng.randrange(2, 30),
+    return start_denoising(model, f"a red circle {seed}", seed, rng.uniform(0, 5), rng.randrange(2, 30),
                          rng.choice(["ddim", "euler", "dpm"]), chosen, height=size[0], width=size[1])
 
 
@@ -117,9 +117,9 @@ def _row(model, sets, seed: int):
 
 
 def _call(model, registry, rows):
-    x, t, text, w = (torch.stack([r[i] for r in rows]) for i in range(4))
+    x, t, text, guidance = (torch.stack([r[i] for r in rows]) for i in range(4))
     with torch.no_grad(), registry.active([r[4] for r in rows]):
-        return model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(w)).sample
+        return model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(guidance)).sample
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -9,12 +9,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from distillery.model import DiffusionModel
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.serving import engine as engine_module
 from distillery.serving.app import create_app
-from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.serving.config import Settings
-from distillery.serving.engine import Engine, EngineUnavailable, Job, RequestTimeout
-from distillery.model import DiffusionModel
+from distillery.serving.engine import Engine
+from distillery.serving.jobs import Job, RequestTimeout
 
 
 def _engine(**kw) -> Engine:
@@ -57,7 +58,7 @@ def test_a_step_holds_at_most_max_rows_of_native_latent_pixels():
 
     async def admitted(jobs):
         loop = asyncio.get_running_loop()
-        engine.pending.extend(engine_module._InFlight(j, (), loop.create_future(), 0.0, engine.cost(j, 2)) for j in jobs)
+        engine.pending.extend(engine_module.InFlight(j, (), loop.create_future(), 0.0, engine.cost(j, 2)) for j in jobs)
         got = [a.job for a in engine._admit()]
         engine.pending.clear()
         engine.active.clear()
@@ -85,7 +86,7 @@ def test_a_request_not_answered_in_time_is_a_timeout_and_the_engine_goes_on():
 
 def test_a_request_that_fails_alone_fails_alone(monkeypatch):
     """A request whose own steps raise gets its error; the requests sharing its steps are answered."""
-    real_start = engine_module.start_request
+    real_start = engine_module.start_denoising
 
     def start(model, prompt, *args, **kw):
         request = real_start(model, prompt, *args, **kw)
@@ -93,7 +94,7 @@ def test_a_request_that_fails_alone_fails_alone(monkeypatch):
             request.sampler.rows = lambda: (_ for _ in ()).throw(RuntimeError("poisoned rows"))
         return request
 
-    monkeypatch.setattr(engine_module, "start_request", start)
+    monkeypatch.setattr(engine_module, "start_denoising", start)
 
     async def scenario():
         engine = _engine()

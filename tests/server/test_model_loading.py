@@ -3,10 +3,10 @@
 import torch
 from diffusers import StableDiffusionPipeline
 
-from distillery.testing.sd15 import save_sd15_folder
-from distillery.paths import EMBEDDED_MODEL
 from distillery.model import DiffusionModel
+from distillery.paths import EMBEDDED_MODEL
 from distillery.sampling.pipeline import generate
+from distillery.testing.sd15 import save_sd15_folder
 
 
 def test_embedded_toy_model_loads_with_stock_diffusers_too():

@@ -5,18 +5,18 @@ import io
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from distillery.testing.synthetic_adapters import write_random_adapter
-from distillery.serving.app import create_app
-from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
-from distillery.serving.config import Settings
-from distillery.serving.engine import Engine, Job
 from distillery.model import DiffusionModel
+from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.serving.app import create_app
+from distillery.serving.config import Settings
+from distillery.serving.engine import Engine
+from distillery.serving.jobs import Job
+from distillery.testing.synthetic_adapters import write_random_adapter
 
 KEY = "s3cret"
 
@@ -234,7 +234,7 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
     torch.testing.assert_close(first[1][0], b.layers[layer][1] * 0.5 * b.scale)
     registry.merged_budget_bytes = 64 << 20  # merged path: W0 + BA in new tensors, W0 itself untouched
     merged = registry.batch([((a, 1.0),)]).merged
-    assert merged and all(w.data_ptr() not in w0.values() for w in merged.values())
+    assert merged and all(weight.data_ptr() not in w0.values() for weight in merged.values())
     assert {n.replace(".base.", "."): p.data_ptr() for n, p in model.unet.named_parameters()} == w0
     for n, p in model.unet.named_parameters():
         assert torch.equal(p, w0_values[n.replace(".base.", ".")])

@@ -1,0 +1,97 @@
+"""The OpenAPI document: what each route answers besides success, and the loaded model's limits stated in it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from distillery.model import DiffusionModel
+from distillery.serving.config import API_KEY_ENV, Settings
+from distillery.serving.schemas import MAX_SEED, MAX_STEPS, InvalidFields, Problem
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of the loaded model here; enforced in `to_job` and stated in the OpenAPI document."""
+
+    max_steps: int
+    size_step: int
+    max_size: int
+
+    @classmethod
+    def of(cls, model: DiffusionModel, settings: Settings) -> Limits:
+        caps = [MAX_STEPS, model.max_steps] + ([settings.max_steps] if settings.max_steps else [])
+        return cls(max(1, min(caps)), model.size_step, 2 * model.default_size)
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
+                               "schema": {"type": "integer", "minimum": 0}}}
+INVALID = {422: {"model": InvalidFields, "description": "Invalid fields: each named, with the value and what is "
+                                                        "allowed."}}
+ADMIN = {
+    401: {"model": Problem, "description": "Missing or wrong `X-API-Key`.",
+          "headers": {"WWW-Authenticate": {"description": "The scheme: the `X-API-Key` header.",
+                                           "schema": {"type": "string"}}}},
+    403: {"model": Problem, "description": f"Admin routes are disabled: the server has no `{API_KEY_ENV}`."},
+}
+PNG_HEADERS = {name: {"description": what, "schema": {"type": kind}} for name, kind, what in [
+    ("X-Seed", "integer", "png only: the seed used."),
+    ("X-Guidance", "number", "png only: w used."),
+    ("X-Steps", "integer", "png only: steps used."),
+    ("X-Mode", "string", "png only: cfg or single-eval."),
+    ("X-UNet-Evaluations", "integer", "png only: UNet rows evaluated for this image."),
+    ("X-Adapters", "string", "png only: adapter names, comma-separated."),
+    ("X-Peak-Memory-Bytes", "integer", "png only: peak memory during the request."),
+    ("X-Peak-Memory-Kind", "string", "png only: what the peak measures."),
+    ("X-Info", "string", "png only: the json format's `info`, as JSON."),
+]}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """app.openapi() states the limits in app.state.limits once the model is loaded (cached from then on)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _drop_impossible_422(doc)
+            # FastAPI's document model turns bounds into floats, and 2**63 - 1 is not one: the exact integer
+            doc["components"]["schemas"]["GenerateRequest"]["properties"]["seed"]["maximum"] = MAX_SEED
+            limits = getattr(app.state, "limits", None)
+            if limits is None:  # before the model loads: the static bounds only, and not cached
+                return doc
+            _state_limits(doc, limits)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+
+    app.openapi = openapi
+
+
+def _drop_impossible_422(doc: dict) -> None:
+    """FastAPI adds a 422 to every route with a parameter; a free-form path name (DELETE /adapters/{name}) can't
+    be invalid, and its body shape is not this API's. Routes whose 422 is real declare it themselves."""
+    for path in doc["paths"].values():
+        for op in path.values():
+            ref = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if ref.get("$ref", "").endswith("/HTTPValidationError"):
+                del op["responses"]["422"]
+    schemas = doc.get("components", {}).get("schemas", {})
+    if "HTTPValidationError" in schemas and "HTTPValidationError" not in json.dumps(doc["paths"]):
+        schemas.pop("HTTPValidationError")
+        schemas.pop("ValidationError", None)
+
+
+def _state_limits(doc: dict, limits: Limits) -> None:
+    """The loaded model's bounds on steps and sizes in GenerateRequest, so that schema-valid data is accepted."""
+    props = doc["components"]["schemas"]["GenerateRequest"]["properties"]
+
+    def integer_branch(prop: dict) -> dict:
+        return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == "integer")
+
+    integer_branch(props["steps"])["maximum"] = limits.max_steps
+    for field in ("width", "height"):
+        branch = integer_branch(props[field])
+        branch.update(minimum=limits.size_step, maximum=limits.max_size, multipleOf=limits.size_step)
