@@ -1,6 +1,7 @@
 """The package's layout holds: one installed package, imports that run one way, a server without training code."""
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,9 +83,11 @@ def test_distillery_serve_loads_no_training_code(tmp_path):
 
 
 def test_pip_install_target_holds_only_distillery(tmp_path):
-    target = tmp_path / "site"
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy: setuptools writes build/ beside the source
+    shutil.copytree(PACKAGE.parent, source, ignore=shutil.ignore_patterns(
+        ".*", "build", "*.egg-info", "__pycache__", "models", "tests", "bench", "deploy", "docs"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(target), str(PACKAGE.parent)], check=True, capture_output=True, timeout=300)
+                    str(target), str(source)], check=True, capture_output=True, timeout=300)
     top = sorted(p.name for p in target.iterdir())
     assert [n for n in top if n not in ("bin", "distillery")] == [n for n in top if n.endswith(".dist-info")], top
     assert len(top) == 3 and (target / "bin" / "distillery").exists(), top
