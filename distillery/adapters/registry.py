@@ -11,7 +11,6 @@ on the torch thread only; an adapter leaving bumps a generation that drops them 
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import contextmanager
 
 import torch
 
@@ -103,8 +102,6 @@ class AdapterRegistry(Residency):
         batch.layers = self._compositions.of(slot_sets, touched)
         return batch
 
-    @contextmanager
     def active(self, row_sets: list[AdapterSet]):
-        """Run a UNet call with these per-row adapter sets."""
-        with self.context.running(self.batch(row_sets) if any(row_sets) else None):
-            yield
+        """Run a UNet call with these per-row adapter sets: `with registry.active(row_sets): unet(...)`."""
+        return self.context.running(self.batch(row_sets) if any(row_sets) else None)
