@@ -91,11 +91,11 @@ def _serve(args) -> int:
     return 0
 
 
-TRAINING = {  # command -> (module, config class): imported only when that command runs
+TRAINING = {  # command -> (module, config class, help, run): the module is imported only when that command runs
     "train-toy": ("distillery.distill.train_toy", "ToyTrainConfig",
-                  "train the embedded toy model (VAE, then UNet + text encoder)"),
+                  "train the embedded toy model (VAE, then UNet + text encoder)", _train_toy),
     "distill-guidance": ("distillery.distill.guidance_distill", "GuidanceDistillConfig",
-                         "guidance distillation: LoRA + w projection over the shared base"),
+                         "guidance distillation: LoRA + w projection over the shared base", _distill_guidance),
 }
 
 
@@ -115,11 +115,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out.png")
     g.set_defaults(run=_generate)
 
-    for name, (module, config, help_text) in TRAINING.items():
+    for name, (module, config, help_text, run) in TRAINING.items():
         t = sub.add_parser(name, help=help_text)
         if name == command:
             _add_config_options(t, getattr(importlib.import_module(module), config))
-        t.set_defaults(run={"train-toy": _train_toy, "distill-guidance": _distill_guidance}[name])
+        t.set_defaults(run=run)
 
     o = sub.add_parser("train-oracle", help="train the colour/shape oracle on ground-truth renders")
     o.set_defaults(run=_train_oracle)

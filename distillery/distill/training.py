@@ -51,10 +51,11 @@ def keep_trainable_in_checkpoints(accelerator: Accelerator, is_trainable: Callab
 
     def load(models, input_dir):
         for i, model in enumerate(list(models)):
-            missing_ok = accelerator.unwrap_model(model).load_state_dict(
-                load_file(str(Path(input_dir) / TRAINABLE_FILE.format(i))), strict=False)
-            if missing_ok.unexpected_keys:
-                raise ValueError(f"checkpoint in {input_dir} holds tensors the model lacks: {missing_ok.unexpected_keys[:3]}")
+            loaded = accelerator.unwrap_model(model).load_state_dict(
+                load_file(str(Path(input_dir) / TRAINABLE_FILE.format(i))), strict=False)  # the frozen base is missing
+            if loaded.unexpected_keys:
+                raise ValueError(f"checkpoint in {input_dir} holds tensors the model lacks: "
+                                 f"{loaded.unexpected_keys[:3]}")
         models.clear()  # loaded here, not by accelerate
 
     accelerator.register_save_state_pre_hook(save)
