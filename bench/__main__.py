@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "distill_memory", "swap", "throughput",
-              "http_overhead", "lora_overhead", "lora_kernel_gpu", "soak"]
+BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "steps_latency", "steps_quality", "style",
+              "distill_memory", "swap", "throughput", "http_overhead", "lora_overhead", "lora_kernel_gpu", "soak"]
 RESULTS_ENV = "DISTILLERY_BENCH_RESULTS"
 DEFAULT_RESULTS = Path(".bench/results.json")
 

@@ -16,13 +16,28 @@ from distillery.testing.sd15 import sd15_scheduler, sd15_unet
 from distillery.testing.synthetic_adapters import write_random_adapter
 
 GUIDANCE_ADAPTER = "guidance-toy"
+CONSISTENCY_ADAPTER = "lcm-toy"
+PROGRESSIVE_ADAPTER = "progressive-toy-{}"  # one per trained step count
+STYLE_ADAPTER = "stripes-toy"
 
 
 def toy_with_guidance_adapter() -> tuple[DiffusionModel, AdapterRegistry, LoadedAdapter]:
     """The embedded model, served (its registry installed the serving layers), with the guidance adapter."""
+    model, registry, adapters = toy_with_adapters([GUIDANCE_ADAPTER])
+    return model, registry, adapters[GUIDANCE_ADAPTER]
+
+
+def toy_with_adapters(names: list[str]) -> tuple[DiffusionModel, AdapterRegistry, dict[str, LoadedAdapter]]:
+    """The embedded model, served, with the shipped adapters `names` resident."""
     model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
     registry = AdapterRegistry(model)
-    return model, registry, registry.load(GUIDANCE_ADAPTER, EMBEDDED_ADAPTERS / GUIDANCE_ADAPTER)
+    return model, registry, {name: registry.load(name, EMBEDDED_ADAPTERS / name) for name in names}
+
+
+def progressive_adapters() -> dict[int, str]:
+    """The shipped progressive adapters by their step count."""
+    return {int(p.name.rsplit("-", 1)[1]): p.name
+            for p in sorted(EMBEDDED_ADAPTERS.glob(PROGRESSIVE_ADAPTER.format("*")))}
 
 
 def sd15_with_adapter(folder: Path, quick: bool, kind: str, rank: int) -> tuple[DiffusionModel, AdapterRegistry, LoadedAdapter]:

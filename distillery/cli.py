@@ -25,7 +25,7 @@ def _generate(args) -> int:
             print(f"error: {e['message']}; got {e['input']!r}", file=sys.stderr)
         return 2
 
-    from distillery.adapters import AdapterError, AdapterRegistry, check_guidance
+    from distillery.adapters import AdapterError, AdapterRegistry, check_guidance, sampling_for
     from distillery.model import DiffusionModel
     from distillery.sampling.pipeline import generate
 
@@ -38,24 +38,16 @@ def _generate(args) -> int:
             adapters = ((adapter, 1.0),)
         guidance = req.guidance if req.guidance is not None else model.defaults.get("guidance", 0.0)
         check_guidance(adapters, guidance)
+        scheduler, steps = sampling_for(adapters, req.scheduler, req.steps, model.defaults.get("steps", 25))
     except AdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    steps = req.steps or (adapters[0][0].meta.recommended_steps if adapters else model.defaults.get("steps", 25))
-    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=req.scheduler, adapters=adapters,
+    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=scheduler, adapters=adapters,
                    registry=registry)
     out.images[0].save(args.output)
     ms = ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings_ms.items())
-    print(f"wrote {args.output} ({out.mode}: w={guidance}, steps={steps}, {out.unet_evaluations} UNet evaluations, "
+    print(f"wrote {args.output} ({out.mode}: w={guidance}, {scheduler} steps={steps}, {out.unet_evaluations} UNet evaluations, "
           f"seed={req.seed}; {ms})")
-    return 0
-
-
-def _train_toy(args) -> int:
-    from distillery.distill.train_toy import ToyTrainConfig, train_toy
-
-    cfg = ToyTrainConfig(**{f.name: getattr(args, f.name) for f in fields(ToyTrainConfig)})
-    train_toy(cfg)
     return 0
 
 
@@ -66,22 +58,30 @@ def _train_oracle(args) -> int:
     return 0
 
 
-def _distill_guidance(args) -> int:
-    from distillery.distill.guidance_distill import GuidanceDistillConfig, distill_guidance
+def _training(module: str, config: str, function: str):
+    """A training command's run function: `function(config(**options))`, imported when the command runs."""
 
-    values = {f.name: getattr(args, f.name) for f in fields(GuidanceDistillConfig)}
-    values["target_modules"] = values["target_modules"].split(",")
-    distill_guidance(GuidanceDistillConfig(**values))
-    return 0
+    def run(args) -> int:
+        mod = importlib.import_module(module)
+        config_cls = getattr(mod, config)
+        getattr(mod, function)(config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)}))
+        return 0
+
+    return run
 
 
 def _add_config_options(parser: argparse.ArgumentParser, config_cls) -> None:
     """One --option per dataclass field; lists are comma-separated, bools take true/false."""
     for f in fields(config_cls):
-        default = f.default if f.default_factory is MISSING else ",".join(f.default_factory())
-        kind = {bool: lambda v: v.lower() in ("1", "true", "yes")}.get(type(default), type(default))
+        default = f.default if f.default_factory is MISSING else f.default_factory()
+        if isinstance(default, list):
+            item = type(default[0]) if default else str
+            kind = lambda v, item=item: [item(x) for x in v.split(",") if x]  # noqa: E731
+        else:
+            kind = {bool: lambda v: v.lower() in ("1", "true", "yes")}.get(type(default), type(default))
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
-                            help=f"default: {default}")
+                            help=f"default: {shown}")
 
 
 def _serve(args) -> int:
@@ -91,11 +91,18 @@ def _serve(args) -> int:
     return 0
 
 
-TRAINING = {  # command -> (module, config class, help, run): the module is imported only when that command runs
-    "train-toy": ("distillery.distill.train_toy", "ToyTrainConfig",
-                  "train the embedded toy model (VAE, then UNet + text encoder)", _train_toy),
-    "distill-guidance": ("distillery.distill.guidance_distill", "GuidanceDistillConfig",
-                         "guidance distillation: LoRA + w projection over the shared base", _distill_guidance),
+TRAINING = {  # command -> (module, config class, function, help): imported only when that command runs
+    "train-toy": ("distillery.distill.train_toy", "ToyTrainConfig", "train_toy",
+                  "train the embedded toy model (VAE, then UNet + text encoder)"),
+    "distill-guidance": ("distillery.distill.guidance_distill", "GuidanceDistillConfig", "distill_guidance",
+                         "guidance distillation: LoRA + w projection over the shared base"),
+    "distill-consistency": ("distillery.distill.consistency_distill", "ConsistencyDistillConfig",
+                            "distill_consistency",
+                            "consistency distillation (LCM-LoRA, w kept an input) over the shared base"),
+    "distill-progressive": ("distillery.distill.progressive_distill", "ProgressiveDistillConfig",
+                            "distill_progressive", "progressive distillation: halve the guidance adapter's steps"),
+    "train-style": ("distillery.distill.style", "StyleTrainConfig", "train_style",
+                    "train the toy's style LoRA (stripes) over the shared base"),
 }
 
 
@@ -109,17 +116,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, help="w (nan/inf are rejected by the schema): eps = (1+w) eps(c) - w eps(empty); default: the model's")
     g.add_argument("--steps", type=int)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--scheduler", default="ddim")
+    g.add_argument("--scheduler", help="default: the adapter's own, else ddim")
     g.add_argument("--model", default=str(EMBEDDED_MODEL))
     g.add_argument("--adapter", help="an adapter folder; a guidance-distilled one samples with one UNet call per step")
     g.add_argument("-o", "--output", default="out.png")
     g.set_defaults(run=_generate)
 
-    for name, (module, config, help_text, run) in TRAINING.items():
+    for name, (module, config, function, help_text) in TRAINING.items():
         t = sub.add_parser(name, help=help_text)
         if name == command:
             _add_config_options(t, getattr(importlib.import_module(module), config))
-        t.set_defaults(run=run)
+        t.set_defaults(run=_training(module, config, function))
 
     o = sub.add_parser("train-oracle", help="train the colour/shape oracle on ground-truth renders")
     o.set_defaults(run=_train_oracle)

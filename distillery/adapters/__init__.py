@@ -5,6 +5,8 @@ from distillery.adapters.files import (
                                        LORA_FILE,
                                        META_FILE,
                                        PROJECTION_FILE,
+                                       STEP_DISTILLED,
+                                       W_CONDITIONED,
                                        AdapterError,
                                        AdapterMeta,
                                        read_adapter,
@@ -14,14 +16,18 @@ from distillery.adapters.loaded import (
                                        AdapterSet,
                                        GuidanceOutOfRange,
                                        LoadedAdapter,
+                                       UnsupportedSampling,
                                        check_guidance,
                                        guidance_adapter,
+                                       sampling_for,
                                        set_key,
 )
 from distillery.adapters.merged import default_merged_budget
 from distillery.adapters.registry import AdapterRegistry
 from distillery.adapters.residency import AdapterInUse, UnknownAdapter
 
-__all__ = ["KINDS", "LORA_FILE", "META_FILE", "PROJECTION_FILE", "AdapterError", "AdapterInUse", "AdapterMeta",
-           "AdapterRegistry", "AdapterSet", "GuidanceOutOfRange", "LoadedAdapter", "UnknownAdapter", "check_guidance",
-           "default_merged_budget", "guidance_adapter", "read_adapter", "save_adapter", "set_key"]
+__all__ = ["KINDS", "LORA_FILE", "META_FILE", "PROJECTION_FILE", "STEP_DISTILLED", "W_CONDITIONED", "AdapterError",
+           "AdapterInUse", "AdapterMeta", "AdapterRegistry", "AdapterSet", "GuidanceOutOfRange",
+           "LoadedAdapter", "UnknownAdapter", "UnsupportedSampling", "check_guidance",
+           "default_merged_budget", "guidance_adapter", "read_adapter", "sampling_for", "save_adapter",
+           "set_key"]

@@ -2,7 +2,7 @@
 
     <adapter>/pytorch_lora_weights.safetensors   LoRA, diffusers/peft format ("unet." keys):
                                                  stock diffusers `load_lora_weights` loads it
-    <adapter>/guidance_projection.safetensors    the w projection ("weight": (C, E)), guidance kind only
+    <adapter>/guidance_projection.safetensors    the w projection ("weight": (C, E)), w-conditioned kinds only
     <adapter>/adapter.json                       AdapterMeta
 """
 
@@ -20,7 +20,9 @@ from torch import nn
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PROJECTION_FILE = "guidance_projection.safetensors"
 META_FILE = "adapter.json"
-KINDS = ("guidance", "style")
+W_CONDITIONED = ("guidance", "consistency", "progressive")  # single-eval, w through the w projection
+STEP_DISTILLED = ("consistency", "progressive")  # few-step: their own scheduler and step counts
+KINDS = (*W_CONDITIONED, "style")
 
 
 class AdapterError(ValueError):
@@ -29,7 +31,8 @@ class AdapterError(ValueError):
 
 @dataclass
 class AdapterMeta:
-    kind: str  # "guidance": single-evaluation guided sampling; "style": a plain LoRA
+    kind: str  # "guidance": single-evaluation guided sampling; "consistency" / "progressive": the same in few
+    # steps; "style": a plain LoRA
     base_fingerprint: str
     rank: int
     alpha: float
@@ -39,10 +42,13 @@ class AdapterMeta:
     embedding_dim: int = 0
     recommended_scheduler: str = "ddim"
     recommended_steps: int = 25
+    schedulers: list[str] = field(default_factory=list)  # the schedulers it can be sampled with; [] = any
+    steps: list[int] = field(default_factory=list)  # the step counts it supports; [] = any
+    scheduler_config: dict = field(default_factory=dict)  # overrides of the base's scheduler config
     training: dict = field(default_factory=dict)
 
     @classmethod
-    def read(cls, folder: Path) -> "AdapterMeta":
+    def read(cls, folder: Path) -> AdapterMeta:
         path = Path(folder) / META_FILE
         try:
             raw = json.loads(path.read_text())
@@ -90,7 +96,7 @@ def read_adapter(folder: Path, base_fingerprint: str) -> AdapterFiles:
     if not lora or not all(k.startswith("unet.") and "lora" in k for k in lora):
         raise AdapterError(f"{folder / LORA_FILE} holds no UNet LoRA weights in diffusers format")
     projection = None
-    if meta.kind == "guidance":
+    if meta.kind in W_CONDITIONED:
         projection = _load_safetensors(folder / PROJECTION_FILE).get("weight")
         if projection is None or projection.shape[1] != meta.embedding_dim:
             raise AdapterError(f"{folder / PROJECTION_FILE}: expected 'weight' of shape (C, {meta.embedding_dim})")

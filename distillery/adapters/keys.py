@@ -21,14 +21,18 @@ from distillery.adapters.files import AdapterError
 SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"))
 
 
-def unet_lora_pairs(lora: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (A, B)} for the UNet's layers in a LoRA state dict of any layout diffusers reads."""
+def peft_unet_lora(lora: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """The UNet's part of a LoRA state dict of any layout diffusers reads, in peft keys ("...to_q.lora_A.weight")."""
     state, alphas = StableDiffusionPipeline.lora_state_dict(dict(lora))
     if alphas:
         raise AdapterError(f"{folder}: per-layer network alphas (kohya files) are not supported yet")
-    unet = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+    return convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+
+
+def unet_lora_pairs(lora: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (A, B)} for the UNet's layers in a LoRA state dict of any layout diffusers reads."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in unet.items():
+    for key, tensor in peft_unet_lora(lora, folder).items():
         for suffix, part in SUFFIXES:
             if key.endswith(suffix):
                 pairs.setdefault(key[:-len(suffix)], {})[part] = tensor

@@ -22,8 +22,8 @@ from distillery.distill.toy_dataset import to_model_range, toy_arrays
 
 
 class ToyImages(Dataset):
-    def __init__(self, n: int = 60_000, cache: Path = Path(".work/toy")):
-        self.arrays = toy_arrays(n, cache)
+    def __init__(self, n: int = 60_000, cache: Path = Path(".work/toy"), stripes: bool = False):
+        self.arrays = toy_arrays(n, cache, stripes=stripes)
 
     def __len__(self) -> int:
         return len(self.arrays["images"])
@@ -83,9 +83,11 @@ class ImageCaptionFolder(Dataset):
 
 
 def image_caption_loader(source: str, size: int, batch_size: int, seed: int = 0) -> DataLoader:
-    """`source` is "toy" (60k samples), "toy:N" (N samples) or a folder path; shuffled, re-iterated per epoch."""
-    if source == "toy" or source.startswith("toy:"):
-        dataset = ToyImages(int(source[4:]) if source.startswith("toy:") else 60_000)
+    """`source` is "toy" (60k samples), "toy:N" (N samples), "toy-stripes" / "toy-stripes:N" (the same, styled)
+    or a folder path; shuffled, re-iterated per epoch."""
+    kind, _, count = source.partition(":")
+    if kind in ("toy", "toy-stripes"):
+        dataset = ToyImages(int(count) if count else 60_000, stripes=kind == "toy-stripes")
     else:
         dataset = ImageCaptionFolder(source, size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,

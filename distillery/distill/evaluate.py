@@ -19,7 +19,7 @@ def _oracle():
 
 
 def eval_images(model: DiffusionModel, n: int = 200, guidance: float = 0.0, steps: int = 25, combos=TRAIN_COMBOS,
-                batch: int = 50, scheduler: str = "ddim", rescale: float = 0.0, adapters=(),
+                batch: int = 50, scheduler: str | None = None, rescale: float = 0.0, adapters=(),
                 registry=None) -> tuple[list[Image.Image], list]:
     """Images for `n` fixed prompts, image i seeded with i (the same prompts and seeds every call).
     Adapters need the registry they were loaded into; the model itself is never changed."""

@@ -32,6 +32,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": (5.0, 7.5), "large": (9.0, 12.5)}  # half-extent in pixels at 32x32
+STRIPE_PERIOD = 8  # the style's horizontal stripes inside the shape: 4 px in its colour, 4 px darkened
+STRIPE_SHADE = 0.4
 
 # Never shown in training: one combination per shape, each with a different colour.
 HELDOUT = frozenset({("red", "triangle"), ("blue", "cross"), ("green", "circle"), ("yellow", "square")})
@@ -71,26 +73,36 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
 
 
-def render(colour: str, shape: str, size: str, background: str, rng: np.random.Generator) -> Image.Image:
-    """Draw one shape; position and exact size come from `rng`."""
+def render(colour: str, shape: str, size: str, background: str, rng: np.random.Generator,
+           stripes: bool = False) -> Image.Image:
+    """Draw one shape; position and exact size come from `rng`. `stripes`: the style LoRA's look, dark
+    horizontal bands across the shape (fixed rows: a pixel metric finds them, see distill/style.py)."""
     r = rng.uniform(*SIZES[size])
     margin = r + 1.5
     cx, cy = rng.uniform(margin, IMAGE_SIZE - margin, size=2)
     s = SUPERSAMPLE
     big = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), BACKGROUNDS[background])
     _draw_shape(ImageDraw.Draw(big), shape, cx * s, cy * s, r * s, COLOURS[colour])
+    if stripes:
+        dark = Image.new("RGB", big.size, BACKGROUNDS[background])
+        _draw_shape(ImageDraw.Draw(dark), shape, cx * s, cy * s, r * s,
+                    tuple(int(c * STRIPE_SHADE) for c in COLOURS[colour]))
+        rows = (np.arange(IMAGE_SIZE * s) // (STRIPE_PERIOD * s // 2)) % 2 == 1  # the darkened half of each period
+        pixels = np.asarray(big).copy()
+        pixels[rows] = np.asarray(dark)[rows]
+        big = Image.fromarray(pixels)
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
 
-def sample(seed: int, combos: tuple[tuple[str, str], ...] = TRAIN_COMBOS) -> ToySample:
-    """The toy sample for `seed`, drawn from `combos` (training combinations by default)."""
+def sample(seed: int, combos: tuple[tuple[str, str], ...] = TRAIN_COMBOS, stripes: bool = False) -> ToySample:
+    """The toy sample for `seed`, drawn from `combos` (training combinations by default); `stripes`: styled."""
     rng = np.random.default_rng(seed)
     colour, shape = combos[rng.integers(len(combos))]
     size = list(SIZES)[rng.integers(len(SIZES))]
     background = rng.choice([b for b in BACKGROUNDS if b != colour])
     say_size = rng.random() < 0.5
     say_background = rng.random() < 0.5
-    image = render(colour, shape, size, str(background), rng)
+    image = render(colour, shape, size, str(background), rng, stripes)
     caption = caption_for(colour, shape, size if say_size else None, str(background) if say_background else None)
     return ToySample(image, caption, colour, shape)
 

@@ -10,16 +10,17 @@ from tqdm import tqdm
 from distillery.distill.toy_data import TRAIN_COMBOS, sample
 
 
-def toy_arrays(n: int, cache_dir: Path, first_seed: int = 0, combos=TRAIN_COMBOS) -> dict[str, np.ndarray]:
-    """`n` samples from seeds first_seed.. as arrays, cached as .npz under `cache_dir`."""
-    path = Path(cache_dir) / f"toy_{first_seed}_{n}_{len(combos)}.npz"
+def toy_arrays(n: int, cache_dir: Path, first_seed: int = 0, combos=TRAIN_COMBOS, stripes: bool = False
+               ) -> dict[str, np.ndarray]:
+    """`n` samples from seeds first_seed.. as arrays (`stripes`: the style's variant), cached under `cache_dir`."""
+    path = Path(cache_dir) / f"toy_{first_seed}_{n}_{len(combos)}{'_stripes' if stripes else ''}.npz"
     if path.exists():
         with np.load(path) as f:
             return dict(f)
     images = np.empty((n, 32, 32, 3), dtype=np.uint8)  # (N, H, W, 3)
     captions, colours, shapes = [], [], []
     for i in tqdm(range(n), desc=f"rendering {n} toy images", mininterval=2):
-        s = sample(first_seed + i, combos)
+        s = sample(first_seed + i, combos, stripes)
         images[i] = np.asarray(s.image)
         captions.append(s.caption)
         colours.append(s.colour)

@@ -18,7 +18,7 @@ from PIL import Image
 from distillery.adapters import AdapterRegistry, AdapterSet, guidance_adapter, set_key
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
-from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler
+from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler, step_noise
 
 
 @dataclass
@@ -52,22 +52,25 @@ def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tup
 
 
 def start_denoising(model: DiffusionModel, prompt: str, seed: int, guidance: float, steps: int,
-                  scheduler: str = "ddim", adapters: AdapterSet = (), rescale: float = 0.0,
+                  scheduler: str | None = None, adapters: AdapterSet = (), rescale: float = 0.0,
                   height: int | None = None, width: int | None = None, negative_prompt: str = "",
                   encoded: tuple[torch.Tensor, float] | None = None) -> Denoising:
     """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler.
 
-    A guidance-distilled adapter in `adapters` -> single-eval sampling; otherwise CFG.
+    A w-conditioned adapter in `adapters` -> single-eval sampling, with its scheduler overrides; otherwise CFG.
     """
-    single = guidance_adapter(adapters) is not None
+    distilled = guidance_adapter(adapters)
+    single = distilled is not None
     if encoded is None:
         encoded = encode_together(model, [prompts_of(prompt, adapters, negative_prompt)])
         encoded = encoded[0][0], encoded[1]
     text, text_ms = encoded  # (1 or 2, T, D)
     shape = model.latent_shape(height or model.default_size, width or model.default_size)
     noise = initial_noise(seed, shape, model.device, model.dtype)
-    sampler = GuidedSampler(make_scheduler(scheduler, model.scheduler_config), noise, steps, guidance,
-                            cond=text[:1], uncond=None if single else text[1:], rescale=rescale)
+    scheduler = scheduler or (distilled.meta.recommended_scheduler if single else "ddim")
+    made = make_scheduler(scheduler, model.scheduler_config, distilled.meta.scheduler_config if single else None)
+    sampler = GuidedSampler(made, noise, steps, guidance, cond=text[:1], uncond=None if single else text[1:],
+                            rescale=rescale, generator=step_noise(seed))
     return Denoising(sampler, tuple(adapters), {"text_encode": text_ms})
 
 
@@ -152,11 +155,11 @@ class Generated:
 
 
 def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidance: float, steps: int,
-             scheduler: str = "ddim", adapters: AdapterSet = (), rescale: float = 0.0,
+             scheduler: str | None = None, adapters: AdapterSet = (), rescale: float = 0.0,
              height: int | None = None, width: int | None = None, registry: AdapterRegistry | None = None,
              deterministic: bool = False) -> Generated:
-    """Several prompts with the same settings, stepped together. Adapters need the `registry` they were
-    loaded into; without adapters the model runs as it is (a model nobody serves stays untouched)."""
+    """Several prompts with the same settings, stepped together (scheduler: default the distilled adapter's,
+    else DDIM). Adapters need the `registry` they were loaded into; without adapters the model runs as it is (a model nobody serves stays untouched)."""
     denoisings = [start_denoising(model, p, s, guidance, steps, scheduler, adapters, rescale, height, width)
                 for p, s in zip(prompts, seeds)]
     t0 = time.perf_counter()

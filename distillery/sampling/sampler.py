@@ -1,6 +1,7 @@
 """Per-request sampling state machines: classifier-free guidance (Ho & Salimans 2022,
 arXiv 2207.12598) with two UNet rows per step, and guidance-distilled sampling (Meng et al.
-2022, arXiv 2210.03142, stage 1) with one w-conditioned row per step.
+2022, arXiv 2210.03142, stage 1) with one w-conditioned row per step, in few steps too with
+a step-distilled adapter (LCMScheduler for consistency, DDIM at its trained count for progressive).
 
 Guidance convention (Meng et al.): w is the guidance weight in
     eps = (1 + w) * eps(c) - w * eps(empty),
@@ -17,21 +18,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler,
+              "lcm": LCMScheduler}
 
 
-def make_scheduler(name: str, config: dict):
+def make_scheduler(name: str, config: dict, overrides: dict | None = None):
+    """Scheduler `name` from the base's config, with an adapter's `overrides` (LCM's original_inference_steps)."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
-    return SCHEDULERS[name].from_config(config)
+    return SCHEDULERS[name].from_config({**config, **(overrides or {})})
+
+
+def most_steps(name: str, config: dict, overrides: dict | None = None) -> int:
+    """The most steps scheduler `name` takes (LCM samples from its original_inference_steps grid)."""
+    config = {**config, **(overrides or {})}
+    if name == "lcm":
+        return int(config.get("original_inference_steps") or LCMScheduler.from_config(config).config.original_inference_steps)
+    return int(config["num_train_timesteps"])
 
 
 def initial_noise(seed: int, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
     """Noise from the request's own generator: an image depends on its seed only, never on its batch."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))).to(device=device, dtype=dtype)[None]
+
+
+def step_noise(seed: int) -> torch.Generator:
+    """The request's generator for noise its scheduler adds between steps (LCM, ancestral): seed-determined too."""
+    return torch.Generator().manual_seed(int(seed) + 1)
 
 
 def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float, rescale: float = 0.0) -> torch.Tensor:
@@ -54,8 +70,8 @@ class GuidedSampler:
     """One image. `uncond` given -> CFG (2 rows per step); None -> single-eval (1 row, w-conditioned)."""
 
     def __init__(self, scheduler, noise: torch.Tensor, steps: int, w: float, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, rescale: float = 0.0):
-        self.scheduler, self.w, self.rescale = scheduler, float(w), rescale
+                 uncond: torch.Tensor | None, rescale: float = 0.0, generator: torch.Generator | None = None):
+        self.scheduler, self.w, self.rescale, self.generator = scheduler, float(w), rescale, generator
         scheduler.set_timesteps(steps, device=noise.device)
         self.timesteps = scheduler.timesteps
         self.latents = noise * scheduler.init_noise_sigma  # (1, C, h, w)
@@ -84,5 +100,5 @@ class GuidedSampler:
         if self.cfg:
             eps = guided(eps[1:2], eps[0:1], self.w, self.rescale)
         t = self.timesteps[self.step_index]
-        self.latents = self.scheduler.step(eps, t, self.latents).prev_sample
+        self.latents = self.scheduler.step(eps, t, self.latents, generator=self.generator).prev_sample
         self.step_index += 1

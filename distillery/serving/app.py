@@ -54,7 +54,9 @@ def _exit_process(cause: BaseException) -> None:
 
 def _describe(adapter) -> dict:
     meta = adapter.meta
-    out = {"kind": meta.kind, "rank": meta.rank, "bytes": adapter.nbytes, "recommended_steps": meta.recommended_steps}
+    out = {"kind": meta.kind, "rank": meta.rank, "bytes": adapter.nbytes, "recommended_steps": meta.recommended_steps,
+           "recommended_scheduler": meta.recommended_scheduler, "schedulers": meta.schedulers or None,
+           "steps": meta.steps or None}
     return {**out, "w_range": [meta.w_min, meta.w_max]} if adapter.single_eval else out
 
 
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.state.engine = engine = await on_torch_thread(load)
         app.state.limits = Limits.of(engine.model, settings)
+        engine.max_steps = app.state.limits.max_steps
         app.openapi_schema = None  # the document states the loaded model's limits from now on
         await engine.start()
         yield
@@ -118,8 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise unprocessable("steps", f"steps: {req.steps} is more than this server allows "
                                           f"(allowed: integer in [1, {limits.max_steps}])")
         return Job(prompt=req.prompt, seed=req.seed, scheduler=req.scheduler,
-                   guidance=eng.default_guidance if req.guidance is None else req.guidance,
-                   steps=req.steps or min(eng.default_steps, limits.max_steps),
+                   guidance=eng.default_guidance if req.guidance is None else req.guidance, steps=req.steps,
                    adapters=tuple((a.name, a.weight) for a in req.adapters),
                    height=req.height, width=req.width, negative_prompt=req.negative_prompt or "")
 
@@ -145,8 +147,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 return Response(status_code=499)
         result = task.result()
+        job = result.job  # with the scheduler and steps it was sampled with
         png = await asyncio.to_thread(lambda: result.png)  # PIL encoding: not on the event loop
-        info = {"seed": job.seed, "guidance": job.guidance, "steps": job.steps, "mode": result.mode,
+        info = {"seed": job.seed, "guidance": job.guidance, "steps": job.steps, "scheduler": job.scheduler,
+                "mode": result.mode,
                 "unet_evaluations": result.unet_evaluations, "adapters": [list(a) for a in job.adapters],
                 "latency_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
                 "peak_memory": result.peak_memory}
@@ -222,7 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m, limits = eng.model, request.app.state.limits
         return {"path": settings.model_path, "fingerprint": m.fingerprint, "native_size": m.default_size,
                 "size_step": limits.size_step, "max_size": limits.max_size, "max_steps": limits.max_steps,
-                "default_guidance": eng.default_guidance, "default_steps": min(eng.default_steps, limits.max_steps)}
+                "default_guidance": eng.default_guidance, "default_steps": eng.default_steps}
 
     @app.get("/metrics", response_class=Response, responses={
         200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},

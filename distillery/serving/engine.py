@@ -18,18 +18,15 @@ import contextlib
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
-from distillery.adapters import META_FILE, AdapterError, AdapterRegistry, AdapterSet, check_guidance, guidance_adapter
+from distillery.adapters import (META_FILE, AdapterError, AdapterRegistry, AdapterSet, check_guidance, guidance_adapter,
+                                 sampling_for)
 from distillery.model import DiffusionModel
-from distillery.sampling.pipeline import (
-    encode_together,
-    finish_denoising,
-    generate,
-    prompts_of,
-    start_denoising,
-    unet_step,
-)
+from distillery.sampling.pipeline import (encode_together, finish_denoising, generate, prompts_of, start_denoising,
+                                          unet_step)
+from distillery.sampling.sampler import most_steps
 from distillery.serving.jobs import (
     EngineUnavailable,
     InFlight,
@@ -57,6 +54,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
         self.deterministic = deterministic
+        self.max_steps: int | None = None  # the operator's cap on default steps
         self.on_death = on_death
         self.pending: deque[InFlight] = deque()
         self.active: list[InFlight] = []
@@ -72,7 +70,9 @@ class Engine:
 
     @property
     def default_steps(self) -> int:
-        return int(self.model.defaults.get("steps", 25))
+        """The model's steps, within the operator's cap (`max_steps`, set by the app from its limits)."""
+        steps = int(self.model.defaults.get("steps", 25))
+        return min(steps, self.max_steps) if self.max_steps else steps
 
     def load_adapters_from(self, root: str | Path) -> list[str]:
         """Register every adapter folder under `root`, named after its folder; a bad one is logged and skipped."""
@@ -94,6 +94,7 @@ class Engine:
             return None
         chosen = tuple(found)
         check_guidance(chosen, job.guidance)
+        sampling_for(chosen, job.scheduler, job.steps, self.default_steps)  # UnsupportedSampling, before queueing
         if job.negative_prompt and guidance_adapter(chosen):
             raise InvalidJob("negative_prompt", "negative_prompt: only in cfg mode; a guidance-distilled adapter "
                                                 "samples without the unconditional branch")
@@ -132,6 +133,13 @@ class Engine:
         chosen = self.resolve(job, reload=False)
         if chosen is None:  # an evicted adapter is read back from disk: on the torch thread
             chosen = await on_torch_thread(self.resolve, job)
+        scheduler, steps = sampling_for(chosen, job.scheduler, job.steps, self.default_steps)
+        distilled = guidance_adapter(chosen)
+        most = most_steps(scheduler, self.model.scheduler_config, distilled.meta.scheduler_config if distilled else None)
+        if steps > most:
+            raise InvalidJob("steps", f"steps: {steps} is more than the {scheduler} scheduler takes "
+                                      f"(allowed: integer in [1, {most}])")
+        job = replace(job, scheduler=scheduler, steps=steps)  # what the result reports
         if len(self.pending) >= self.queue_size:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")

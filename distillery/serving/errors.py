@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from distillery.adapters import AdapterError, AdapterInUse, GuidanceOutOfRange, UnknownAdapter
+from distillery.adapters import AdapterError, AdapterInUse, GuidanceOutOfRange, UnknownAdapter, UnsupportedSampling
 from distillery.serving.config import Settings
 from distillery.serving.jobs import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout
 from distillery.serving.schemas import GenerateRequest, LoadAdapterRequest, describe_errors
@@ -48,6 +48,10 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(GuidanceOutOfRange)
     async def guidance_out_of_range(request: Request, exc: GuidanceOutOfRange):
         return JSONResponse(status_code=422, content={"detail": [{"field": "guidance", "message": str(exc)}]})
+
+    @app.exception_handler(UnsupportedSampling)
+    async def unsupported_sampling(request: Request, exc: UnsupportedSampling):
+        return JSONResponse(status_code=422, content={"detail": [{"field": exc.field, "message": str(exc)}]})
 
     @app.exception_handler(UnknownAdapter)
     async def unknown_adapter(request: Request, exc: UnknownAdapter):

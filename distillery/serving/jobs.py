@@ -46,9 +46,9 @@ async def on_torch_thread(fn, *args):
 class Job:
     prompt: str
     guidance: float
-    steps: int
+    steps: int | None  # None: the distilled adapter's or the model's (Engine.settle fills it in)
     seed: int
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the distilled adapter's, else ddim
     adapters: tuple[tuple[str, float], ...] = ()
     height: int | None = None
     width: int | None = None

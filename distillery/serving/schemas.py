@@ -51,10 +51,14 @@ class GenerateRequest(BaseModel):
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS,
                               description="Denoising steps, at most what the model's scheduler and the operator's "
-                                          "`DISTILLERY_MAX_STEPS` allow (GET /model: max_steps). Default: the model's, "
+                                          "`DISTILLERY_MAX_STEPS` allow (GET /model: max_steps), and one a "
+                                          "step-distilled adapter supports (GET /adapters: steps). Default: the "
+                                          "step-distilled adapter's recommended_steps, else the model's, "
                                           "capped likewise.")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the initial noise.")
-    scheduler: Literal["ddim", "euler", "dpm"] = Field(default="ddim", description="Diffusers scheduler.")
+    scheduler: Literal["ddim", "euler", "dpm", "lcm"] | None = Field(
+        default=None, description="Diffusers scheduler. Default: the distilled adapter's own (GET /adapters: "
+                                  "recommended_scheduler), else ddim; a step-distilled adapter allows only its own.")
     width: int | None = Field(default=None, ge=8, le=4096,
                               description="Pixels; a multiple of the model's size step (GET /model), at most twice its "
                                           "native size. Default: the native size.")
@@ -106,6 +110,7 @@ class GenerateInfo(BaseModel):
     seed: int
     guidance: float
     steps: int
+    scheduler: str
     mode: Literal["cfg", "single-eval"]
     unet_evaluations: int
     adapters: list[tuple[str, float]] = Field(description="[name, weight] pairs.")
@@ -126,7 +131,11 @@ class AdapterInfo(BaseModel):
     rank: int | None = None
     bytes: int | None = None
     recommended_steps: int | None = None
-    w_range: tuple[float, float] | None = Field(default=None, description="Guidance-distilled adapters only.")
+    recommended_scheduler: str | None = Field(default=None, description="What a request without `scheduler` gets.")
+    schedulers: list[str] | None = Field(default=None, description="Step-distilled adapters: the only schedulers "
+                                                                   "they sample with.")
+    steps: list[int] | None = Field(default=None, description="Step-distilled adapters: the step counts they support.")
+    w_range: tuple[float, float] | None = Field(default=None, description="Distilled (w-conditioned) adapters only.")
 
 
 class AdapterList(BaseModel):

@@ -1,0 +1,121 @@
+"""Latent consistency distillation into a LoRA over the shared W0, with w kept as an input.
+
+LCM-LoRA (Luo et al. 2023, arXiv 2311.05556), as in diffusers' `train_lcm_distill_lora_sdxl.py`:
+the teacher is the same UNet with the adapters off, making ONE classifier-free-guided DDIM
+step over N skipped timesteps (start_t -> start_t - T/N); the student maps x at start_t, the
+target (the student itself under no_grad, no EMA for the LoRA variant) maps the teacher's
+x_prev, both through the boundary scalings c_skip / c_out; Huber loss. Beyond LCM-LoRA, which
+bakes one guidance scale in, w reaches the student through the same `cond_proj` path the
+guidance adapter uses (as the full-model LCM does), so one adapter serves any w in its range.
+The student starts from the guidance-distilled adapter: it already is a w-conditioned guided
+eps model, and consistency training only has to make it jump.
+Sampled with diffusers' `LCMScheduler` (original_inference_steps = N, timestep_scaling = s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from distillery.adapters import AdapterMeta, save_adapter
+from distillery.distill.guidance_distill import attach_student, cfg_teacher_eps
+from distillery.distill.loop import AdapterTrainConfig, Batch, make_accelerator, train_adapter
+from distillery.distill.student import load_adapter_into
+from distillery.model import DiffusionModel
+from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
+
+ADAPTER_NAME = "consistency"
+SIGMA_DATA = 0.5
+
+
+@dataclass
+class ConsistencyDistillConfig(AdapterTrainConfig):
+    out: str = "models/adapters/lcm-toy"
+    work: str = ".work/consistency"
+    steps: int = 1500
+    lr: float = 3e-4
+    init_from: str = "models/adapters/guidance-toy"  # "" -> a fresh LoRA on `target_modules`
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                                               "ff.net.2", "time_emb_proj", "linear_1", "linear_2"])
+    num_ddim_timesteps: int = 50  # N: the teacher's solver grid, LCMScheduler's original_inference_steps
+    timestep_scaling: float = 10.0
+    huber_c: float = 0.001
+    max_steps: int = 8  # the step counts served: 1..max_steps
+    recommended_steps: int = 4
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip, c_out at timesteps t (B,), as LCMScheduler computes them: (B, 1, 1, 1) each."""
+    scaled = (t.float() * timestep_scaling).view(-1, 1, 1, 1)
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
+
+
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    a = alpha_bar.view(-1, 1, 1, 1).to(x_t.dtype)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def consistency_step(student, unet, batch: Batch, alphas_cumprod: torch.Tensor, cfg: ConsistencyDistillConfig,
+                     gen: torch.Generator) -> torch.Tensor:
+    """The Huber consistency loss of one batch (`unet` = `student` unwrapped)."""
+    x0, device = batch.latents, batch.latents.device
+    total = alphas_cumprod.shape[0]
+    skip = total // cfg.num_ddim_timesteps
+    index = torch.randint(0, cfg.num_ddim_timesteps, (x0.shape[0],), generator=gen, device=device)
+    start_t = (index + 1) * skip - 1  # the solver grid 19, 39, ..., 999 for T = 1000, N = 50
+    t = (start_t - skip).clamp(min=0)
+    noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
+    a_start, a_t = alphas_cumprod[start_t], alphas_cumprod[t]
+    x_start = a_start.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a_start).sqrt().view(-1, 1, 1, 1) * noise
+    w_emb = guidance_embedding(batch.guidance).to(x0.dtype)
+    c_skip_start, c_out_start = boundary_scalings(start_t, cfg.timestep_scaling)
+    c_skip, c_out = boundary_scalings(t, cfg.timestep_scaling)
+
+    eps = student(x_start, start_t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+    prediction = c_skip_start * x_start + c_out_start * x0_from_eps(x_start, eps, a_start)
+    with torch.no_grad():
+        eps_teacher = cfg_teacher_eps(unet, x_start, start_t, batch.cond, batch.uncond, batch.guidance)
+        x0_teacher = x0_from_eps(x_start, eps_teacher, a_start)
+        x_prev = a_t.sqrt().view(-1, 1, 1, 1) * x0_teacher + (1 - a_t).sqrt().view(-1, 1, 1, 1) * eps_teacher
+        eps_target = unet(x_prev, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+        target = c_skip * x_prev + c_out * x0_from_eps(x_prev, eps_target, a_t)
+    diff = prediction.float() - target.float()
+    return (torch.sqrt(diff**2 + cfg.huber_c**2) - cfg.huber_c).mean()
+
+
+def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
+    accelerator = make_accelerator(cfg)
+    model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
+    base_fingerprint = model.fingerprint
+    unet = model.unet
+    if cfg.init_from:
+        init_meta, projection = load_adapter_into(unet, Path(cfg.init_from), ADAPTER_NAME, trainable=True)
+        unet.time_embedding.cond_proj = projection
+        cfg.rank, cfg.target_modules = init_meta.rank, list(init_meta.target_modules)
+    else:
+        projection = attach_student(unet, cfg, ADAPTER_NAME)
+    alphas_cumprod = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod.to(accelerator.device)
+
+    def loss_of(student, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        return consistency_step(student, unet, batch, alphas_cumprod, cfg, gen)
+
+    summary = train_adapter(accelerator, cfg, model, loss_of, "consistency distillation")
+    out = Path(cfg.out)
+    if accelerator.is_main_process:
+        meta = AdapterMeta(
+            kind="consistency", base_fingerprint=base_fingerprint, rank=cfg.rank, alpha=float(cfg.rank),
+            target_modules=cfg.target_modules, w_min=cfg.w_min, w_max=cfg.w_max, embedding_dim=EMBEDDING_DIM,
+            recommended_scheduler="lcm", recommended_steps=cfg.recommended_steps, schedulers=["lcm"],
+            steps=list(range(1, cfg.max_steps + 1)),
+            scheduler_config={"original_inference_steps": cfg.num_ddim_timesteps,
+                              "timestep_scaling": cfg.timestep_scaling},
+            training={**asdict(cfg), **summary},
+        )
+        save_adapter(out, unet, ADAPTER_NAME, meta, projection)
+        accelerator.print(f"saved consistency adapter to {out} ({summary['trainable_parameters']} trainable parameters)")
+    return out
