@@ -12,6 +12,7 @@ import torch
 from distillery.adapters import AdapterRegistry, LoadedAdapter
 from distillery.model import DiffusionModel, unet_fingerprint
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.sampling.guidance import guidance_embedding
 from distillery.testing.sd15 import sd15_scheduler, sd15_unet
 from distillery.testing.synthetic_adapters import write_random_adapter
 
@@ -62,3 +63,31 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmu
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def image_parts(model: DiffusionModel, registry: AdapterRegistry, adapter: LoadedAdapter, prompt: str, w: float,
+                rounds: int) -> dict[str, float]:
+    """Median seconds of an image's components, each as its sampler runs it: a UNet call of W0 alone and of
+    the student at batch 1, the CFG teacher's batch-2 call, text encoding of 1 and 2 prompts, decoding."""
+    shape = model.latent_shape(model.default_size, model.default_size)
+    x1, x2 = torch.randn(1, *shape), torch.randn(2, *shape)
+    text1, text2 = model.encode_prompts([prompt]), model.encode_prompts([prompt, ""])
+    t = torch.tensor(500)
+
+    def unet_call(x, text, row_sets):
+        with torch.no_grad(), registry.active(row_sets):
+            model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.full((len(x),), w)))
+
+    return interleaved_medians({
+        "unet_b1_base": lambda: unet_call(x1, text1, [()]),
+        "unet_b1_student": lambda: unet_call(x1, text1, [((adapter, 1.0),)]),
+        "unet_b2_teacher": lambda: unet_call(x2, text2, [(), ()]),
+        "text_1": lambda: model.encode_prompts([prompt]), "text_2": lambda: model.encode_prompts([prompt, ""]),
+        "decode": lambda: model.decode(x1),
+    }, rounds)
+
+
+def image_limit(parts: dict[str, float], b1: float, student_steps: int, teacher_steps: int) -> float:
+    """The best whole-image latency ratio of a single-eval student over the CFG teacher, from component times."""
+    teacher = parts["text_2"] + teacher_steps * parts["unet_b2_teacher"] + parts["decode"]
+    return (parts["text_1"] + student_steps * b1 + parts["decode"]) / teacher

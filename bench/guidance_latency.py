@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
+from bench.common import image_limit, image_parts, interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
 from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.pipeline import Denoising, generate, unet_step
 from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler
@@ -41,29 +41,10 @@ def _toy(quick: bool) -> dict:
     distilled = lambda: generate(model, [PROMPT], [0], 2.0, steps, adapters=[(adapter, 1.0)], registry=registry)
     whole = interleaved_medians({"teacher": teacher, "distilled": distilled}, rounds)
 
-    # component timings, each in the configuration its sampler runs it
-    shape = model.latent_shape(model.default_size, model.default_size)
-    x1, x2 = torch.randn(1, *shape), torch.randn(2, *shape)
-    text1, text2 = model.encode_prompts([PROMPT]), model.encode_prompts([PROMPT, ""])
-    t = torch.tensor(500)
-
-    def unet_call(x, text, row_sets):
-        with torch.no_grad(), registry.active(row_sets):
-            model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.full((len(x),), 2.0)))
-
-    unet_student = lambda: unet_call(x1, text1, [((adapter, 1.0),)])
-    unet_base_b1 = lambda: unet_call(x1, text1, [()])
-    unet_teacher = lambda: unet_call(x2, text2, [(), ()])
-
-    parts = interleaved_medians({
-        "unet_b1_student": unet_student, "unet_b1_base": unet_base_b1, "unet_b2_teacher": unet_teacher,
-        "text_1": lambda: model.encode_prompts([PROMPT]), "text_2": lambda: model.encode_prompts([PROMPT, ""]),
-        "decode": lambda: model.decode(x1),
-    }, rounds=rounds * 3)
+    parts = image_parts(model, registry, adapter, PROMPT, 2.0, rounds * 3)
 
     def limit_with(b1: float) -> float:
-        teacher_parts = parts["text_2"] + steps * parts["unet_b2_teacher"] + parts["decode"]
-        return (parts["text_1"] + steps * b1 + parts["decode"]) / teacher_parts
+        return image_limit(parts, b1, steps, steps)
 
     limit = limit_with(parts["unet_b1_base"])  # a single evaluation as cheap as W0's: LoRA for free
     return {

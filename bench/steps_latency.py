@@ -9,10 +9,7 @@ limit_with_lora uses the student's measured batch-1 call instead.
 
 from __future__ import annotations
 
-import torch
-
-from bench.common import CONSISTENCY_ADAPTER, interleaved_medians, toy_with_adapters
-from distillery.sampling.guidance import guidance_embedding
+from bench.common import CONSISTENCY_ADAPTER, image_limit, image_parts, interleaved_medians, toy_with_adapters
 from distillery.sampling.pipeline import generate
 
 PROMPT = "a small blue triangle on a yellow background"
@@ -30,26 +27,10 @@ def run(quick: bool = False) -> dict:
                                       registry=registry),
     }, rounds)
 
-    shape = model.latent_shape(model.default_size, model.default_size)
-    x1, x2 = torch.randn(1, *shape), torch.randn(2, *shape)
-    text1, text2 = model.encode_prompts([PROMPT]), model.encode_prompts([PROMPT, ""])
-    t = torch.tensor(500)
-
-    def unet_call(x, text, row_sets):
-        with torch.no_grad(), registry.active(row_sets):
-            model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.full((len(x),), w)))
-
-    parts = interleaved_medians({
-        "unet_b1_base": lambda: unet_call(x1, text1, [()]),
-        "unet_b1_student": lambda: unet_call(x1, text1, [((adapter, 1.0),)]),
-        "unet_b2_teacher": lambda: unet_call(x2, text2, [(), ()]),
-        "text_1": lambda: model.encode_prompts([PROMPT]), "text_2": lambda: model.encode_prompts([PROMPT, ""]),
-        "decode": lambda: model.decode(x1),
-    }, rounds * 3)
+    parts = image_parts(model, registry, adapter, PROMPT, w, rounds * 3)
 
     def limit_with(b1: float) -> float:
-        teacher = parts["text_2"] + teacher_steps * parts["unet_b2_teacher"] + parts["decode"]
-        return (parts["text_1"] + student_steps * b1 + parts["decode"]) / teacher
+        return image_limit(parts, b1, student_steps, teacher_steps)
 
     ratio, limit = whole["distilled"] / whole["teacher"], limit_with(parts["unet_b1_base"])
     return {

@@ -14,18 +14,18 @@ Sampled with diffusers' `LCMScheduler` (original_inference_steps = N, timestep_s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
-from distillery.adapters import AdapterMeta, save_adapter
+from distillery.adapters import save_adapter
 from distillery.distill.guidance_distill import attach_student, cfg_teacher_eps
-from distillery.distill.loop import AdapterTrainConfig, Batch, make_accelerator, train_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
 from distillery.distill.student import load_adapter_into
 from distillery.model import DiffusionModel
-from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
+from distillery.sampling.guidance import guidance_embedding
 
 ADAPTER_NAME = "consistency"
 SIGMA_DATA = 0.5
@@ -107,15 +107,11 @@ def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
     summary = train_adapter(accelerator, cfg, model, loss_of, "consistency distillation")
     out = Path(cfg.out)
     if accelerator.is_main_process:
-        meta = AdapterMeta(
-            kind="consistency", base_fingerprint=base_fingerprint, rank=cfg.rank, alpha=float(cfg.rank),
-            target_modules=cfg.target_modules, w_min=cfg.w_min, w_max=cfg.w_max, embedding_dim=EMBEDDING_DIM,
-            recommended_scheduler="lcm", recommended_steps=cfg.recommended_steps, schedulers=["lcm"],
-            steps=list(range(1, cfg.max_steps + 1)),
-            scheduler_config={"original_inference_steps": cfg.num_ddim_timesteps,
-                              "timestep_scaling": cfg.timestep_scaling},
-            training={**asdict(cfg), **summary},
-        )
+        meta = adapter_meta("consistency", cfg, base_fingerprint, summary, recommended_scheduler="lcm",
+                            recommended_steps=cfg.recommended_steps, schedulers=["lcm"],
+                            steps=list(range(1, cfg.max_steps + 1)),
+                            scheduler_config={"original_inference_steps": cfg.num_ddim_timesteps,
+                                              "timestep_scaling": cfg.timestep_scaling})
         save_adapter(out, unet, ADAPTER_NAME, meta, projection)
         accelerator.print(f"saved consistency adapter to {out} ({summary['trainable_parameters']} trainable parameters)")
     return out

@@ -10,7 +10,7 @@ small next to W0.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,8 +19,8 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from torch import nn
 
-from distillery.adapters import AdapterMeta, save_adapter
-from distillery.distill.loop import AdapterTrainConfig, Batch, make_accelerator, train_adapter
+from distillery.adapters import save_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 
@@ -97,12 +97,8 @@ def distill_guidance(cfg: GuidanceDistillConfig) -> Path:
     summary = train_adapter(accelerator, cfg, model, loss_of, "guidance distillation")
     out = Path(cfg.out)
     if accelerator.is_main_process:
-        meta = AdapterMeta(
-            kind="guidance", base_fingerprint=base_fingerprint, rank=cfg.rank, alpha=float(cfg.rank),
-            target_modules=cfg.target_modules, w_min=cfg.w_min, w_max=cfg.w_max, embedding_dim=EMBEDDING_DIM,
-            recommended_scheduler="ddim", recommended_steps=cfg.recommended_steps,
-            training={**asdict(cfg), **summary},
-        )
+        meta = adapter_meta("guidance", cfg, base_fingerprint, summary, recommended_scheduler="ddim",
+                            recommended_steps=cfg.recommended_steps)
         save_adapter(out, model.unet, ADAPTER_NAME, meta, projection)
         accelerator.print(f"saved guidance adapter to {out} ({summary['trainable_parameters']} trainable parameters)")
     return out

@@ -10,7 +10,7 @@ of the trainable tensors and the data position, and the per-rank checksum printe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +20,11 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
+from distillery.adapters import W_CONDITIONED, AdapterMeta
 from distillery.distill.data import image_caption_loader
 from distillery.distill.training import Progress, batches, checkpoint, keep_trainable_in_checkpoints, resume
 from distillery.model import DiffusionModel
+from distillery.sampling.guidance import EMBEDDING_DIM
 
 
 @dataclass
@@ -130,3 +132,11 @@ def _batch(model: DiffusionModel, raw: dict, empty: torch.Tensor, cfg: AdapterTr
     cond = model.encode_prompts(captions)
     guidance = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(len(captions), generator=gen, device=device)
     return Batch(latents, cond, empty.expand_as(cond), guidance)
+
+
+def adapter_meta(kind: str, cfg: AdapterTrainConfig, base_fingerprint: str, summary: dict, **sampling) -> AdapterMeta:
+    """The metadata of an adapter trained with `cfg` (its run recorded under "training"); `sampling`: the
+    recommended / allowed schedulers and steps."""
+    w = {"w_min": cfg.w_min, "w_max": cfg.w_max, "embedding_dim": EMBEDDING_DIM} if kind in W_CONDITIONED else {}
+    return AdapterMeta(kind=kind, base_fingerprint=base_fingerprint, rank=cfg.rank, alpha=float(cfg.rank),
+                       target_modules=list(cfg.target_modules), training={**asdict(cfg), **summary}, **w, **sampling)

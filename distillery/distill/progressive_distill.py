@@ -15,18 +15,18 @@ round is not run again, and a round in progress resumes from its checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
 
-from distillery.adapters import AdapterMeta, save_adapter
+from distillery.adapters import save_adapter
 from distillery.adapters.files import META_FILE
-from distillery.distill.loop import AdapterTrainConfig, Batch, make_accelerator, train_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
 from distillery.distill.student import load_adapter_into
 from distillery.model import DiffusionModel
-from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
+from distillery.sampling.guidance import guidance_embedding
 
 TEACHER, STUDENT = "teacher", "student"
 
@@ -100,7 +100,8 @@ def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: i
     scheduler = DDIMScheduler.from_config(model.scheduler_config)
     grid = two_step_grid(scheduler, student_steps)
     alphas = torch.cat([scheduler.alphas_cumprod, scheduler.final_alpha_cumprod.reshape(1)]).to(accelerator.device)
-    round_cfg = replace(cfg, work=str(Path(cfg.work) / str(student_steps)))
+    round_cfg = replace(cfg, work=str(Path(cfg.work) / str(student_steps)), rank=teacher_meta.rank,
+                        target_modules=list(teacher_meta.target_modules))
 
     def loss_of(trained, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         return progressive_step(trained, unet, batch, grid, alphas, projections, gen)
@@ -108,13 +109,9 @@ def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: i
     summary = train_adapter(accelerator, round_cfg, model, loss_of, f"progressive {2 * student_steps} -> {student_steps}",
                             is_trainable=lambda key: f".{STUDENT}." in key or "cond_proj" in key)
     if accelerator.is_main_process:
-        meta = AdapterMeta(
-            kind="progressive", base_fingerprint=model.fingerprint, rank=teacher_meta.rank, alpha=teacher_meta.alpha,
-            target_modules=teacher_meta.target_modules, w_min=cfg.w_min, w_max=cfg.w_max,
-            embedding_dim=EMBEDDING_DIM, recommended_scheduler="ddim", recommended_steps=student_steps,
-            schedulers=["ddim"], steps=[student_steps],
-            training={**asdict(round_cfg), "teacher": str(teacher), "teacher_steps": 2 * student_steps, **summary},
-        )
+        summary = {"teacher": str(teacher), "teacher_steps": 2 * student_steps, **summary}
+        meta = adapter_meta("progressive", round_cfg, model.fingerprint, summary, recommended_scheduler="ddim",
+                            recommended_steps=student_steps, schedulers=["ddim"], steps=[student_steps])
         save_adapter(out, unet, STUDENT, meta, student_proj)
         accelerator.print(f"saved the {student_steps}-step progressive adapter to {out}")
     accelerator.wait_for_everyone()

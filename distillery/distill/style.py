@@ -11,7 +11,7 @@ frequency of each column's FFT over all non-constant frequencies); `style_streng
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,8 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from PIL import Image
 
-from distillery.adapters import AdapterMeta, save_adapter
-from distillery.distill.loop import AdapterTrainConfig, Batch, make_accelerator, train_adapter
+from distillery.adapters import save_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
 from distillery.distill.toy_data import IMAGE_SIZE, STRIPE_PERIOD
 from distillery.model import DiffusionModel
 
@@ -74,8 +74,7 @@ def train_style(cfg: StyleTrainConfig) -> Path:
     summary = train_adapter(accelerator, cfg, model, loss_of, "style LoRA")
     out = Path(cfg.out)
     if accelerator.is_main_process:
-        meta = AdapterMeta(kind="style", base_fingerprint=base_fingerprint, rank=cfg.rank, alpha=float(cfg.rank),
-                           target_modules=cfg.target_modules, training={**asdict(cfg), **summary})
+        meta = adapter_meta("style", cfg, base_fingerprint, summary)
         save_adapter(out, model.unet, ADAPTER_NAME, meta, None)
         accelerator.print(f"saved style adapter to {out} ({summary['trainable_parameters']} trainable parameters)")
     return out
