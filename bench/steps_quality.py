@@ -25,15 +25,20 @@ def run(quick: bool = False) -> dict:
     progressive = progressive_adapters()
     model, registry, adapters = toy_with_adapters([CONSISTENCY_ADAPTER, *progressive.values()])
     lcm = adapters[CONSISTENCY_ADAPTER]
-    n, n_small = (32, 8) if quick else (1000, 300)
+    n, n_small = (32, 8) if quick else (1000, 200)
     w = float(model.defaults.get("guidance", 1.0))
     reference = FidReference.of_renders(n)
     figures = {"images": n, "images_w_control": n_small, "guidance": w, "fid_real": reference.floor(n)}
 
+    generated = {}  # eval_images' prompts and seeds are fixed: the first k of a larger set are the k-image set
+
     def measure(key: str, steps: int, adapter=None, guidance: float = w, count: int = n, combos=TRAIN_COMBOS,
                 fid: bool = True) -> float:
-        images, prompts = eval_images(model, count, guidance=guidance, steps=steps, combos=combos, batch=250,
-                                      adapters=[(adapter, 1.0)] if adapter else (), registry=registry)
+        same = (steps, adapter.name if adapter else None, guidance, combos)
+        if same not in generated or len(generated[same][0]) < count:
+            generated[same] = eval_images(model, count, guidance=guidance, steps=steps, combos=combos, batch=250,
+                                          adapters=[(adapter, 1.0)] if adapter else (), registry=registry)
+        images, prompts = (x[:count] for x in generated[same])
         figures[f"align_{key}"] = alignment_of(images, prompts)
         if fid:
             figures[f"fid_{key}"] = reference.fid(images)

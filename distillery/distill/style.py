@@ -31,11 +31,12 @@ ADAPTER_NAME = "style"
 
 @dataclass
 class StyleTrainConfig(AdapterTrainConfig):
-    data: str = "toy-stripes:20000"  # 600 x 32 samples: one epoch
+    data: str = "toy-stripes:50000"  # 1500 x 32 samples: one epoch
     out: str = "models/adapters/stripes-toy"
     work: str = ".work/style"
-    steps: int = 600
+    steps: int = 1500
     batch: int = 32
+    lr: float = 5e-4
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
                                                                "ff.net.2", "proj_in", "proj_out", "conv1", "conv2"])
     caption_dropout: float = 0.1

@@ -35,15 +35,19 @@ def served(tmp_path_factory):
     s2 = registry.load("s2", write_random_adapter(tmp / "s2", model.unet, model.fingerprint, rank=4, seed=2,
                                                   targets=CONV_TARGETS))
     assert any(a.dim() == 4 for a, _ in s2.layers.values())  # 3 x 3 conv LoRA present
-    sets = [(), ((g, 1.0),), ((s1, 0.7),), ((g, 1.0), (s1, 0.5)), ((s2, 1.0),), ((g, 1.0), (s2, 0.8), (s1, 0.3))]
+    lcm = registry.load("lcm", EMBEDDED_ADAPTERS / "lcm-toy")  # LCM: noise between steps, from the request's seed
+    sets = [(), ((g, 1.0),), ((s1, 0.7),), ((g, 1.0), (s1, 0.5)), ((s2, 1.0),), ((g, 1.0), (s2, 0.8), (s1, 0.3)),
+            ((lcm, 1.0), (s1, 0.6))]
     return model, registry, sets
 
 
 def _request(model, sets, seed: int, size=(32, 32)):
     rng = random.Random(seed)
     chosen = sets[seed % len(sets)]
-    return start_denoising(model, f"a red circle {seed}", seed, rng.uniform(0, 5), rng.randrange(2, 30),
-                         rng.choice(["ddim", "euler", "dpm"]), chosen, height=size[0], width=size[1])
+    lcm = any(a.meta.kind == "consistency" for a, _ in chosen)
+    steps, scheduler = (rng.randrange(2, 9), "lcm") if lcm else (rng.randrange(2, 30), rng.choice(["ddim", "euler", "dpm"]))
+    return start_denoising(model, f"a red circle {seed}", seed, rng.uniform(0, 5), steps, scheduler, chosen,
+                           height=size[0], width=size[1])
 
 
 def _after_steps(model, registry, probe_seed: int, others: list[int], sets, steps: int, deterministic: bool,
