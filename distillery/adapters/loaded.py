@@ -81,8 +81,8 @@ def sampling_for(chosen: AdapterSet, scheduler: str | None, steps: int | None, d
         raise UnsupportedSampling("scheduler", f"scheduler: {scheduler!r} cannot sample adapter {distilled.name!r} "
                                                f"(allowed: {' or '.join(meta.schedulers)})")
     if meta and meta.steps and steps not in meta.steps:
-        allowed = (f"integer in [{min(meta.steps)}, {max(meta.steps)}]"
-                   if meta.steps == list(range(min(meta.steps), max(meta.steps) + 1)) else f"one of {meta.steps}")
+        contiguous = len(meta.steps) > 1 and meta.steps == list(range(min(meta.steps), max(meta.steps) + 1))
+        allowed = f"integer in [{min(meta.steps)}, {max(meta.steps)}]" if contiguous else f"one of {meta.steps}"
         raise UnsupportedSampling("steps", f"steps: adapter {distilled.name!r} was distilled for other step counts "
                                            f"than {steps} (allowed: {allowed})")
     return scheduler, steps
