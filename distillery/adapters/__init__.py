@@ -18,6 +18,7 @@ from distillery.adapters.loaded import (
                                        LoadedAdapter,
                                        UnsupportedSampling,
                                        check_guidance,
+                                       default_scheduler,
                                        guidance_adapter,
                                        sampling_for,
                                        set_key,
@@ -29,5 +30,5 @@ from distillery.adapters.residency import AdapterInUse, UnknownAdapter
 __all__ = ["KINDS", "LORA_FILE", "META_FILE", "PROJECTION_FILE", "STEP_DISTILLED", "W_CONDITIONED", "AdapterError",
            "AdapterInUse", "AdapterMeta", "AdapterRegistry", "AdapterSet", "GuidanceOutOfRange",
            "LoadedAdapter", "UnknownAdapter", "UnsupportedSampling", "check_guidance",
-           "default_merged_budget", "guidance_adapter", "read_adapter", "sampling_for", "save_adapter",
-           "set_key"]
+           "default_merged_budget", "default_scheduler", "guidance_adapter", "read_adapter", "sampling_for",
+           "save_adapter", "set_key"]

@@ -70,12 +70,17 @@ def check_guidance(chosen: AdapterSet, guidance: float) -> None:
                                  f"[{distilled.meta.w_min}, {distilled.meta.w_max}]")
 
 
+def default_scheduler(distilled: LoadedAdapter | None) -> str:
+    """What a request that names no scheduler samples with: its distilled adapter's own, else DDIM."""
+    return distilled.meta.recommended_scheduler if distilled else "ddim"
+
+
 def sampling_for(chosen: AdapterSet, scheduler: str | None, steps: int | None, default_steps: int) -> tuple[str, int]:
     """The scheduler and step count a request samples with: asked for, else its distilled adapter's own, else
     DDIM at `default_steps`. UnsupportedSampling names the allowed values of a step-distilled adapter."""
     distilled = guidance_adapter(chosen)
     meta = distilled.meta if distilled else None
-    scheduler = scheduler or (meta.recommended_scheduler if meta else "ddim")
+    scheduler = scheduler or default_scheduler(distilled)
     steps = steps or (meta.recommended_steps if meta and meta.kind in STEP_DISTILLED else default_steps)
     if meta and meta.schedulers and scheduler not in meta.schedulers:
         raise UnsupportedSampling("scheduler", f"scheduler: {scheduler!r} cannot sample adapter {distilled.name!r} "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from distillery.adapters import AdapterRegistry, AdapterSet, guidance_adapter, set_key
+from distillery.adapters import AdapterRegistry, AdapterSet, default_scheduler, guidance_adapter, set_key
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler, step_noise
@@ -67,8 +67,8 @@ def start_denoising(model: DiffusionModel, prompt: str, seed: int, guidance: flo
     text, text_ms = encoded  # (1 or 2, T, D)
     shape = model.latent_shape(height or model.default_size, width or model.default_size)
     noise = initial_noise(seed, shape, model.device, model.dtype)
-    scheduler = scheduler or (distilled.meta.recommended_scheduler if single else "ddim")
-    made = make_scheduler(scheduler, model.scheduler_config, distilled.meta.scheduler_config if single else None)
+    made = make_scheduler(scheduler or default_scheduler(distilled), model.scheduler_config,
+                          distilled.meta.scheduler_config if single else None)
     sampler = GuidedSampler(made, noise, steps, guidance, cond=text[:1], uncond=None if single else text[1:],
                             rescale=rescale, generator=step_noise(seed))
     return Denoising(sampler, tuple(adapters), {"text_encode": text_ms})

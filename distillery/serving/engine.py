@@ -53,13 +53,11 @@ class Engine:
         self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes)
         self.metrics = metrics or Metrics()
         self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
-        self.deterministic = deterministic
+        self.deterministic, self.on_death = deterministic, on_death
         self.max_steps: int | None = None  # the operator's cap on default steps
-        self.on_death = on_death
         self.pending: deque[InFlight] = deque()
         self.active: list[InFlight] = []
-        self.ready = False
-        self.dead: BaseException | None = None
+        self.ready, self.dead = False, None  # dead: the exception the worker loop died of, if it did
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self.metrics.watch(self.registry, self.pending)
@@ -94,11 +92,20 @@ class Engine:
             return None
         chosen = tuple(found)
         check_guidance(chosen, job.guidance)
-        sampling_for(chosen, job.scheduler, job.steps, self.default_steps)  # UnsupportedSampling, before queueing
         if job.negative_prompt and guidance_adapter(chosen):
             raise InvalidJob("negative_prompt", "negative_prompt: only in cfg mode; a guidance-distilled adapter "
                                                 "samples without the unconditional branch")
         return chosen
+
+    def settle(self, job: Job, chosen: AdapterSet) -> Job:
+        """The job with the scheduler and steps it samples with (UnsupportedSampling, InvalidJob: not usable)."""
+        scheduler, steps = sampling_for(chosen, job.scheduler, job.steps, self.default_steps)
+        distilled = guidance_adapter(chosen)
+        most = most_steps(scheduler, self.model.scheduler_config, distilled.meta.scheduler_config if distilled else None)
+        if steps > most:
+            raise InvalidJob("steps", f"steps: {steps} is more than the {scheduler} scheduler takes "
+                                      f"(allowed: integer in [1, {most}])")
+        return replace(job, scheduler=scheduler, steps=steps)
 
     def cost(self, job: Job, rows: int) -> float:
         """A job's share of a step's budget, in rows at the native size (a 2x-size image counts 4x)."""
@@ -133,13 +140,7 @@ class Engine:
         chosen = self.resolve(job, reload=False)
         if chosen is None:  # an evicted adapter is read back from disk: on the torch thread
             chosen = await on_torch_thread(self.resolve, job)
-        scheduler, steps = sampling_for(chosen, job.scheduler, job.steps, self.default_steps)
-        distilled = guidance_adapter(chosen)
-        most = most_steps(scheduler, self.model.scheduler_config, distilled.meta.scheduler_config if distilled else None)
-        if steps > most:
-            raise InvalidJob("steps", f"steps: {steps} is more than the {scheduler} scheduler takes "
-                                      f"(allowed: integer in [1, {most}])")
-        job = replace(job, scheduler=scheduler, steps=steps)  # what the result reports
+        job = self.settle(job, chosen)  # what the result reports
         if len(self.pending) >= self.queue_size:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
