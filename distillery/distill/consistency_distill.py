@@ -21,6 +21,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from distillery.adapters import save_adapter
+from distillery.distill.ddim import ddim_step, x0_from_eps
 from distillery.distill.guidance_distill import attach_student, cfg_teacher_eps
 from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
 from distillery.distill.student import load_adapter_into
@@ -55,23 +56,18 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.T
     return c_skip, c_out
 
 
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    a = alpha_bar.view(-1, 1, 1, 1).to(x_t.dtype)
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-
-
-def consistency_step(student, unet, batch: Batch, alphas_cumprod: torch.Tensor, cfg: ConsistencyDistillConfig,
+def consistency_step(student, unet, batch: Batch, noise_scheduler: DDPMScheduler, cfg: ConsistencyDistillConfig,
                      gen: torch.Generator) -> torch.Tensor:
     """The Huber consistency loss of one batch (`unet` = `student` unwrapped)."""
     x0, device = batch.latents, batch.latents.device
-    total = alphas_cumprod.shape[0]
-    skip = total // cfg.num_ddim_timesteps
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    skip = alphas_cumprod.shape[0] // cfg.num_ddim_timesteps
     index = torch.randint(0, cfg.num_ddim_timesteps, (x0.shape[0],), generator=gen, device=device)
     start_t = (index + 1) * skip - 1  # the solver grid 19, 39, ..., 999 for T = 1000, N = 50
     t = (start_t - skip).clamp(min=0)
     noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
     a_start, a_t = alphas_cumprod[start_t], alphas_cumprod[t]
-    x_start = a_start.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a_start).sqrt().view(-1, 1, 1, 1) * noise
+    x_start = noise_scheduler.add_noise(x0, noise, start_t)
     w_emb = guidance_embedding(batch.guidance).to(x0.dtype)
     c_skip_start, c_out_start = boundary_scalings(start_t, cfg.timestep_scaling)
     c_skip, c_out = boundary_scalings(t, cfg.timestep_scaling)
@@ -80,8 +76,7 @@ def consistency_step(student, unet, batch: Batch, alphas_cumprod: torch.Tensor, 
     prediction = c_skip_start * x_start + c_out_start * x0_from_eps(x_start, eps, a_start)
     with torch.no_grad():
         eps_teacher = cfg_teacher_eps(unet, x_start, start_t, batch.cond, batch.uncond, batch.guidance)
-        x0_teacher = x0_from_eps(x_start, eps_teacher, a_start)
-        x_prev = a_t.sqrt().view(-1, 1, 1, 1) * x0_teacher + (1 - a_t).sqrt().view(-1, 1, 1, 1) * eps_teacher
+        x_prev = ddim_step(x_start, eps_teacher, a_start, a_t)
         eps_target = unet(x_prev, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
         target = c_skip * x_prev + c_out * x0_from_eps(x_prev, eps_target, a_t)
     diff = prediction.float() - target.float()
@@ -99,10 +94,10 @@ def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
         cfg.rank, cfg.target_modules = init_meta.rank, list(init_meta.target_modules)
     else:
         projection = attach_student(unet, cfg, ADAPTER_NAME)
-    alphas_cumprod = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod.to(accelerator.device)
+    noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
 
     def loss_of(student, batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        return consistency_step(student, unet, batch, alphas_cumprod, cfg, gen)
+        return consistency_step(student, unet, batch, noise_scheduler, cfg, gen)
 
     summary = train_adapter(accelerator, cfg, model, loss_of, "consistency distillation")
     out = Path(cfg.out)

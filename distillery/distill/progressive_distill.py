@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler
 
 from distillery.adapters import save_adapter
 from distillery.adapters.files import META_FILE
+from distillery.distill.ddim import ddim_step, x0_from_eps
 from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
 from distillery.distill.student import load_adapter_into
 from distillery.model import DiffusionModel
@@ -51,16 +52,17 @@ def two_step_grid(scheduler: DDIMScheduler, student_steps: int) -> tuple[torch.T
     return grid[0::2], grid[1::2], torch.cat([grid[2::2], torch.tensor([-1])])
 
 
-def progressive_step(student, unet, batch: Batch, grid, alphas: torch.Tensor, projections: dict,
+def progressive_step(student, unet, batch: Batch, scheduler: DDIMScheduler, grid, projections: dict,
                      gen: torch.Generator) -> torch.Tensor:
-    """The truncated-SNR-weighted x-space loss of one batch. `alphas` holds alpha-bar with the end (-1) last."""
+    """The truncated-SNR-weighted x-space loss of one batch on `grid` (`two_step_grid` of `scheduler`)."""
     x0, device = batch.latents, batch.latents.device
+    alphas = torch.cat([scheduler.alphas_cumprod, scheduler.final_alpha_cumprod.reshape(1)]).to(device)
     starts, mids, ends = (g.to(device) for g in grid)
     index = torch.randint(0, len(starts), (x0.shape[0],), generator=gen, device=device)
     t, t_mid, s = starts[index], mids[index], ends[index]
     a_t, a_mid, a_s = (alphas[k].view(-1, 1, 1, 1) for k in (t, t_mid, s))  # alphas[-1] is the end's alpha-bar
     noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
-    z_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+    z_t = scheduler.add_noise(x0, noise, t)
     w_emb = guidance_embedding(batch.guidance).to(x0.dtype)
     with torch.no_grad():
         z_mid = _ddim(unet, z_t, t, a_t, a_mid, batch.cond, w_emb, projections)
@@ -68,7 +70,7 @@ def progressive_step(student, unet, batch: Batch, grid, alphas: torch.Tensor, pr
         ratio = ((1 - a_s) / (1 - a_t)).sqrt()  # sigma_s / sigma_t
         target = (z_s - ratio * z_t) / (a_s.sqrt() - ratio * a_t.sqrt())
     eps = student(z_t, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
-    x_pred = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x_pred = x0_from_eps(z_t, eps, a_t)
     weight = (a_t / (1 - a_t)).clamp(min=1.0)  # max(SNR, 1)
     return (weight * (x_pred.float() - target.float()) ** 2).mean()
 
@@ -82,8 +84,7 @@ def _ddim(unet, z, t, a_t, a_s, cond, w_emb, projections: dict) -> torch.Tensor:
     finally:
         unet.set_adapter(STUDENT)
         unet.time_embedding.cond_proj = projections[STUDENT]
-    x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+    return ddim_step(z, eps, a_t, a_s)
 
 
 def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: int) -> Path:
@@ -99,12 +100,11 @@ def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: i
     unet.time_embedding.cond_proj = student_proj
     scheduler = DDIMScheduler.from_config(model.scheduler_config)
     grid = two_step_grid(scheduler, student_steps)
-    alphas = torch.cat([scheduler.alphas_cumprod, scheduler.final_alpha_cumprod.reshape(1)]).to(accelerator.device)
     round_cfg = replace(cfg, work=str(Path(cfg.work) / str(student_steps)), rank=teacher_meta.rank,
                         target_modules=list(teacher_meta.target_modules))
 
     def loss_of(trained, batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        return progressive_step(trained, unet, batch, grid, alphas, projections, gen)
+        return progressive_step(trained, unet, batch, scheduler, grid, projections, gen)
 
     summary = train_adapter(accelerator, round_cfg, model, loss_of, f"progressive {2 * student_steps} -> {student_steps}",
                             is_trainable=lambda key: f".{STUDENT}." in key or "cond_proj" in key)
