@@ -62,9 +62,15 @@ def _training(module: str, config: str, function: str):
     """A training command's run function: `function(config(**options))`, imported when the command runs."""
 
     def run(args) -> int:
+        from distillery.distill.pruning import PruneSpecError
+
         mod = importlib.import_module(module)
         config_cls = getattr(mod, config)
-        getattr(mod, function)(config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)}))
+        try:
+            getattr(mod, function)(config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)}))
+        except PruneSpecError as exc:  # bad input, found before training: the message, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
 
     return run
@@ -103,6 +109,8 @@ TRAINING = {  # command -> (module, config class, function, help): imported only
                             "distill_progressive", "progressive distillation: halve the guidance adapter's steps"),
     "train-style": ("distillery.distill.style", "StyleTrainConfig", "train_style",
                     "train the toy's style LoRA (stripes) over the shared base"),
+    "prune": ("distillery.distill.prune_distill", "PruneConfig", "prune",
+              "block pruning + layer-level KD: a smaller base model folder (--level 1|2, or --level 0 --drop ...)"),
 }
 
 

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 from distillery.adapters import save_adapter
 from distillery.distill.ddim import ddim_step, x0_from_eps
 from distillery.distill.guidance_distill import attach_student, cfg_teacher_eps
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.student import load_adapter_into
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
@@ -99,7 +99,7 @@ def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
     def loss_of(student, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         return consistency_step(student, unet, batch, noise_scheduler, cfg, gen)
 
-    summary = train_adapter(accelerator, cfg, model, loss_of, "consistency distillation")
+    summary = train_student(accelerator, cfg, model, loss_of, "consistency distillation")
     out = Path(cfg.out)
     if accelerator.is_main_process:
         meta = adapter_meta("consistency", cfg, base_fingerprint, summary, recommended_scheduler="lcm",

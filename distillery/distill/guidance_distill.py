@@ -20,7 +20,7 @@ from peft import LoraConfig
 from torch import nn
 
 from distillery.adapters import save_adapter
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 
@@ -94,7 +94,7 @@ def distill_guidance(cfg: GuidanceDistillConfig) -> Path:
         return distillation_step(student, model.unet, batch.latents, batch.cond, batch.uncond, batch.guidance,
                                  noise_scheduler, gen)
 
-    summary = train_adapter(accelerator, cfg, model, loss_of, "guidance distillation")
+    summary = train_student(accelerator, cfg, model, loss_of, "guidance distillation")
     out = Path(cfg.out)
     if accelerator.is_main_process:
         meta = adapter_meta("guidance", cfg, base_fingerprint, summary, recommended_scheduler="ddim",

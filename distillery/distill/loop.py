@@ -1,8 +1,9 @@
-"""The loop every adapter distiller shares: W0 frozen, a LoRA (+ w projection) trained, resumable.
+"""The loop every distiller shares: a student UNet's trainable parameters trained on a loss, resumable.
 
-A distiller makes an accelerator (`make_accelerator`), loads the model on its device, attaches
-its student (and teachers: other adapters on the SAME UNet, never a copy), then hands
-`train_adapter` a loss over `Batch`es. The loop owns the data (latents from the VAE, captions
+An adapter distiller makes an accelerator (`make_accelerator`), loads the model on its device,
+attaches its student (and teachers: other adapters on the SAME UNet, never a copy), then hands
+`train_student` a loss over `Batch`es; W0 stays frozen. The pruning distiller hands it the pruned
+UNet, every parameter trainable, with the unpruned teacher beside it. The loop owns the data (latents from the VAE, captions
 with dropout, w drawn per sample), the optimizer and cosine schedule, accelerate checkpoints
 of the trainable tensors and the data position, and the per-rank checksum printed at the end.
 """
@@ -28,8 +29,8 @@ from distillery.sampling.guidance import EMBEDDING_DIM
 
 
 @dataclass
-class AdapterTrainConfig:
-    """What every adapter distiller takes; each adds its own fields."""
+class TrainConfig:
+    """What every distiller takes; each adds its own fields."""
 
     model: str = "models/toy"
     data: str = "toy"  # "toy", "toy-stripes" (the style's data) or an imagefolder with metadata.jsonl
@@ -40,10 +41,6 @@ class AdapterTrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 100
-    rank: int = 16
-    target_modules: list[str] = field(default_factory=list)
-    w_min: float = 0.0
-    w_max: float = 5.0
     caption_dropout: float = 0.1  # the student must also handle the empty prompt
     mixed_precision: str = "no"  # "fp16" / "bf16" on GPUs
     gradient_checkpointing: bool = True
@@ -52,14 +49,24 @@ class AdapterTrainConfig:
 
 
 @dataclass
+class AdapterTrainConfig(TrainConfig):
+    """What every adapter distiller takes."""
+
+    rank: int = 16
+    target_modules: list[str] = field(default_factory=list)
+    w_min: float = 0.0
+    w_max: float = 5.0
+
+
+@dataclass
 class Batch:
     latents: torch.Tensor  # (B, C, h, w), scaled by the VAE's scaling factor
     cond: torch.Tensor  # (B, T, D), captions after dropout
     uncond: torch.Tensor  # (B, T, D), the empty prompt
-    guidance: torch.Tensor  # (B,) w ~ U[w_min, w_max]
+    guidance: torch.Tensor  # (B,) w ~ U[w_min, w_max] (0 without a w range)
 
 
-def make_accelerator(cfg: AdapterTrainConfig) -> Accelerator:
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # cpu=True without CUDA: under torchrun that makes accelerate use MULTI_CPU (gloo) data parallelism
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
@@ -67,11 +74,11 @@ def make_accelerator(cfg: AdapterTrainConfig) -> Accelerator:
     return accelerator
 
 
-def train_adapter(accelerator: Accelerator, cfg: AdapterTrainConfig, model: DiffusionModel,
+def train_student(accelerator: Accelerator, cfg: TrainConfig, model: DiffusionModel,
                   loss_of: Callable[[torch.nn.Module, Batch, torch.Generator], torch.Tensor], desc: str,
                   is_trainable: Callable[[str], bool] = lambda key: "lora_" in key or "cond_proj" in key) -> dict:
     """Train `model.unet`'s parameters that require grad on `loss_of(trained_module, batch, generator)` for
-    `cfg.steps` optimizer steps (resuming from `cfg.work`); returns the run's summary for the adapter's metadata.
+    `cfg.steps` optimizer steps (resuming from `cfg.work`); returns the run's summary for the student's metadata.
     `trained_module` is the module to call for gradients (the DDP wrapper under several processes)."""
     unet = model.unet
     if cfg.gradient_checkpointing:
@@ -123,14 +130,15 @@ def train_adapter(accelerator: Accelerator, cfg: AdapterTrainConfig, model: Diff
             "final_loss_mean_last_100": sum(last) / max(1, len(last))}
 
 
-def _batch(model: DiffusionModel, raw: dict, empty: torch.Tensor, cfg: AdapterTrainConfig, gen: torch.Generator,
+def _batch(model: DiffusionModel, raw: dict, empty: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
            device) -> Batch:
     pixels = raw["pixel_values"].to(device, model.vae.dtype)
     latents = model.vae.encode(pixels).latent_dist.sample(gen) * model.vae.config.scaling_factor
     captions = [c if torch.rand(1, generator=gen, device=device).item() >= cfg.caption_dropout else ""
                 for c in raw["caption"]]
     cond = model.encode_prompts(captions)
-    guidance = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(len(captions), generator=gen, device=device)
+    w_min, w_max = getattr(cfg, "w_min", 0.0), getattr(cfg, "w_max", 0.0)  # only adapters take w
+    guidance = w_min + (w_max - w_min) * torch.rand(len(captions), generator=gen, device=device)
     return Batch(latents, cond, empty.expand_as(cond), guidance)
 
 

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler
 from distillery.adapters import save_adapter
 from distillery.adapters.files import META_FILE
 from distillery.distill.ddim import ddim_step, x0_from_eps
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.student import load_adapter_into
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
@@ -106,7 +106,7 @@ def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: i
     def loss_of(trained, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         return progressive_step(trained, unet, batch, scheduler, grid, projections, gen)
 
-    summary = train_adapter(accelerator, round_cfg, model, loss_of, f"progressive {2 * student_steps} -> {student_steps}",
+    summary = train_student(accelerator, round_cfg, model, loss_of, f"progressive {2 * student_steps} -> {student_steps}",
                             is_trainable=lambda key: f".{STUDENT}." in key or "cond_proj" in key)
     if accelerator.is_main_process:
         summary = {"teacher": str(teacher), "teacher_steps": 2 * student_steps, **summary}

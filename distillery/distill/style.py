@@ -22,7 +22,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from distillery.adapters import save_adapter
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_adapter
+from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.toy_data import IMAGE_SIZE, STRIPE_PERIOD
 from distillery.model import DiffusionModel
 
@@ -72,7 +72,7 @@ def train_style(cfg: StyleTrainConfig) -> Path:
         eps = student(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=batch.cond).sample
         return F.mse_loss(eps.float(), noise.float())
 
-    summary = train_adapter(accelerator, cfg, model, loss_of, "style LoRA")
+    summary = train_student(accelerator, cfg, model, loss_of, "style LoRA")
     out = Path(cfg.out)
     if accelerator.is_main_process:
         meta = adapter_meta("style", cfg, base_fingerprint, summary)

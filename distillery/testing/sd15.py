@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 def sd15_unet(**overrides) -> UNet2DConditionModel:
     """diffusers' default UNet2DConditionModel is SD 1.5's but for the text width (768)."""
-    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, **overrides)
+    return UNet2DConditionModel(**{"sample_size": 64, "cross_attention_dim": 768, **overrides})
 
 
 def sd15_vae() -> AutoencoderKL:
