@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "steps_latency", "steps_quality", "style",
+BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "steps_latency", "steps_quality", "style", "prune",
               "distill_memory", "swap", "throughput", "http_overhead", "lora_overhead", "lora_kernel_gpu", "soak"]
 RESULTS_ENV = "DISTILLERY_BENCH_RESULTS"
 DEFAULT_RESULTS = Path(".bench/results.json")

@@ -24,7 +24,7 @@ from distillery.adapters import save_adapter
 from distillery.distill.ddim import ddim_step, x0_from_eps
 from distillery.distill.guidance_distill import attach_student, cfg_teacher_eps
 from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
-from distillery.distill.student import load_adapter_into
+from distillery.distill.student import start_from
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
 
@@ -89,9 +89,7 @@ def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
     base_fingerprint = model.fingerprint
     unet = model.unet
     if cfg.init_from:
-        init_meta, projection = load_adapter_into(unet, Path(cfg.init_from), ADAPTER_NAME, trainable=True)
-        unet.time_embedding.cond_proj = projection
-        cfg.rank, cfg.target_modules = init_meta.rank, list(init_meta.target_modules)
+        projection = start_from(unet, Path(cfg.init_from), ADAPTER_NAME, cfg)
     else:
         projection = attach_student(unet, cfg, ADAPTER_NAME)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)

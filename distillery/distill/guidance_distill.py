@@ -21,6 +21,7 @@ from torch import nn
 
 from distillery.adapters import save_adapter
 from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
+from distillery.distill.student import start_from
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 
@@ -35,6 +36,7 @@ class GuidanceDistillConfig(AdapterTrainConfig):
     steps: int = 2000
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     recommended_steps: int = 25
+    init_from: str = ""  # an adapter to start from (e.g. the unpruned base's, for a pruned base); "": fresh
 
 
 def attach_student(unet, cfg: AdapterTrainConfig, adapter_name: str = ADAPTER_NAME) -> nn.Linear:
@@ -87,7 +89,10 @@ def distill_guidance(cfg: GuidanceDistillConfig) -> Path:
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
     base_fingerprint = model.fingerprint
-    projection = attach_student(model.unet, cfg)
+    if cfg.init_from:
+        projection = start_from(model.unet, Path(cfg.init_from), ADAPTER_NAME, cfg)
+    else:
+        projection = attach_student(model.unet, cfg)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
 
     def loss_of(student, batch: Batch, gen: torch.Generator) -> torch.Tensor:

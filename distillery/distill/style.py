@@ -23,6 +23,7 @@ from PIL import Image
 
 from distillery.adapters import save_adapter
 from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
+from distillery.distill.student import start_from
 from distillery.distill.toy_data import IMAGE_SIZE, STRIPE_PERIOD
 from distillery.model import DiffusionModel
 
@@ -41,6 +42,7 @@ class StyleTrainConfig(AdapterTrainConfig):
                                                                "ff.net.2", "proj_in", "proj_out", "conv1", "conv2"])
     caption_dropout: float = 0.1
     gradient_checkpointing: bool = False
+    init_from: str = ""  # a style adapter to start from (e.g. the unpruned base's, for a pruned base); "": fresh
 
 
 def stripe_score(images: list[Image.Image]) -> float:
@@ -61,8 +63,11 @@ def train_style(cfg: StyleTrainConfig) -> Path:
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
     base_fingerprint = model.fingerprint
-    model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=cfg.target_modules,
-                                      init_lora_weights=True), adapter_name=ADAPTER_NAME)
+    if cfg.init_from:
+        start_from(model.unet, Path(cfg.init_from), ADAPTER_NAME, cfg)
+    else:
+        model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=cfg.target_modules,
+                                          init_lora_weights=True), adapter_name=ADAPTER_NAME)
     noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
 
     def loss_of(student, batch: Batch, gen: torch.Generator) -> torch.Tensor:

@@ -7,8 +7,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from distillery.adapters import AdapterError, AdapterRegistry
+from distillery.adapters import LORA_FILE, AdapterError, AdapterRegistry
 from distillery.cli import main
+from distillery.distill.guidance_distill import GuidanceDistillConfig, distill_guidance
 from distillery.distill.prune_distill import PRUNING_FILE, BlockOutputs, PruneConfig, prune
 from distillery.distill.pruning import PruneSpecError, level_spec, parameter_count, plan_pruning, prune_unet
 from distillery.model import DiffusionModel, unet_fingerprint
@@ -52,7 +53,7 @@ def test_a_spec_that_breaks_the_unet_is_refused_naming_the_block(narrow_sd15, dr
 def test_pruned_unet_holds_the_teachers_remaining_weights_and_the_teacher_is_untouched(narrow_sd15):
     before = {k: v.clone() for k, v in narrow_sd15.state_dict().items()}
     drops = ["mid_block", "down_blocks.1.resnets.1", "up_blocks.2.resnets.1", "down_blocks.2.attentions"]
-    student, plan = prune_unet(narrow_sd15, drops)
+    student, _ = prune_unet(narrow_sd15, drops)
     for key, value in narrow_sd15.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     weights = student.state_dict()
@@ -149,3 +150,22 @@ def test_pruned_folder_is_a_base_the_server_loads_and_original_adapters_are_refu
     adapter = registry.load("for-pruned", tmp_path / "for-pruned")
     out = generate(pruned, ["a red circle"], [0], 1.0, 2, adapters=((adapter, 1.0),), registry=registry)
     assert out.images[0].size == (pruned.default_size, pruned.default_size) and out.unet_evaluations == 2 * 2  # CFG
+
+
+def test_a_student_on_the_pruned_base_starts_from_the_unpruned_bases_adapter(pruned_folder, random_toy_folder, tmp_path):
+    """distill-guidance --init-from: the layers the pruned UNet keeps start with the adapter's weights, the
+    dropped blocks' layers are left out; the result is an adapter of the pruned base (0 steps: the start)."""
+    base = DiffusionModel.from_pretrained(random_toy_folder)
+    source = write_random_adapter(tmp_path / "for-base", base.unet, base.fingerprint, kind="guidance")
+    cfg = GuidanceDistillConfig(model=str(pruned_folder), data="toy:12", out=str(tmp_path / "started"),
+                                work=str(tmp_path / "work"), steps=0, batch=4, init_from=str(source))
+    started = distill_guidance(cfg)
+    before, after = load_file(str(source / LORA_FILE)), load_file(str(started / LORA_FILE))
+    kept = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    dropped = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    [a_key] = [k for k in after if kept in k and ("lora_A" in k or "lora.down" in k)]
+    torch.testing.assert_close(after[a_key], before[f"unet.{kept}.lora.down.weight"])
+    assert any(dropped in k for k in before) and not any(dropped in k for k in after)
+    pruned = DiffusionModel.from_pretrained(pruned_folder)
+    assert json.loads((started / "adapter.json").read_text())["base_fingerprint"] == pruned.fingerprint
+    AdapterRegistry(pruned).load("started", started)  # served on the pruned base
