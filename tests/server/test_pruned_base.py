@@ -34,24 +34,25 @@ def test_the_pruned_base_loads_its_adapters_and_refuses_the_originals(url):
 
 
 def test_every_lever_in_one_request_batched_with_the_others(url):
-    """Pruned base + 4-step consistency adapter + style in one request, alongside a plain CFG request and a
-    guidance-adapter request; each image is judged by the oracle against its prompt."""
-    prompts = [p for p, _, _ in eval_prompts(3)]
-    bodies = [
-        {"prompt": prompts[0], "seed": 1, "adapters": [{"name": LCM}, {"name": STYLE, "weight": 0.5}]},
-        {"prompt": prompts[1], "seed": 2, "steps": 25},
-        {"prompt": prompts[2], "seed": 3, "adapters": [{"name": GUIDANCE}], "steps": 25},
-    ]
+    """Pruned base + 4-step consistency adapter + style in one request, alongside plain CFG requests and
+    guidance-adapter requests, all in flight at once; the oracle judges the unstyled images against their
+    prompts (the level-2 base scores 0.96 at 25-step CFG: at most one of four may miss)."""
+    prompts = [p for p, _, _ in eval_prompts(6)]
+    levers = {"adapters": [{"name": LCM}, {"name": STYLE, "weight": 0.5}]}
+    kinds = [levers, {"steps": 25}, {"adapters": [{"name": GUIDANCE}], "steps": 25}] * 2
+    bodies = [{"prompt": p, "seed": i, "response_format": "json", **k} for i, (p, k) in enumerate(zip(prompts, kinds))]
 
     async def send():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*(client.post(f"{url}/generate", json={**b, "response_format": "json"})
-                                          for b in bodies))
+            return await asyncio.gather(*(client.post(f"{url}/generate", json=b) for b in bodies))
 
     responses = asyncio.run(send())
-    infos = [r.json()["info"] for r in responses if r.status_code == 200]
-    assert len(infos) == 3, [r.text for r in responses]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    infos = [r.json()["info"] for r in responses]
     assert (infos[0]["scheduler"], infos[0]["steps"], infos[0]["unet_evaluations"]) == ("lcm", 4, 4)
-    assert infos[1]["mode"] == "cfg" and infos[2]["mode"] == "single-eval"
+    assert infos[0]["adapters"] == [[LCM, 1.0], [STYLE, 0.5]]
+    assert [i["mode"] for i in infos[1:3]] == ["cfg", "single-eval"]
     images = [Image.open(io.BytesIO(base64.b64decode(r.json()["image_png_base64"]))) for r in responses]
-    assert alignment_of(images[1:], eval_prompts(3)[1:]) == 1.0  # the two unstyled ones
+    assert all(im.size == (32, 32) for im in images)
+    unstyled = [1, 2, 4, 5]
+    assert alignment_of([images[i] for i in unstyled], [eval_prompts(6)[i] for i in unstyled]) >= 0.75
