@@ -183,7 +183,9 @@ def prune_unet(teacher: UNet2DConditionModel, drops: list[str]) -> tuple[UNet2DC
     missing = set(wanted) - set(weights)
     assert not missing, f"student weights without a teacher source: {sorted(missing)[:3]}"
     student.load_state_dict(weights)
-    return student.to(device=teacher.device, dtype=teacher.dtype).eval().requires_grad_(False), plan
+    if student.dtype != teacher.dtype:  # diffusers warns on any dtype cast; only cast when it is one
+        student = student.to(dtype=teacher.dtype)
+    return student.to(teacher.device).eval().requires_grad_(False), plan
 
 
 def level_spec(config, level: int) -> list[str]:
