@@ -48,15 +48,19 @@ class PruneConfig(TrainConfig):
 
 
 class BlockOutputs:
-    """Forward hooks keeping the output of every down, mid and up block of a UNet (the features KD matches)."""
+    """Forward hooks keeping the output of every down, mid and up block of a UNet (the features KD matches);
+    `remove()` takes them off again."""
 
     def __init__(self, unet):
         self.outputs: dict[str, torch.Tensor] = {}
         blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
         blocks += [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
         blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
-        for name, block in blocks:
-            block.register_forward_hook(self._keeper(name))
+        self._hooks = [block.register_forward_hook(self._keeper(name)) for name, block in blocks]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
     def _keeper(self, name: str):
         def keep(module, inputs, output):

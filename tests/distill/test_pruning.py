@@ -77,6 +77,8 @@ def test_dropping_the_mid_block_leaves_the_down_path_exactly_as_it_was(narrow_sd
     x, t, text = _inputs(narrow_sd15)
     with torch.no_grad():
         narrow_sd15(x, t, text), student(x, t, text)
+    teacher_blocks.remove()  # the fixture is shared: leave it as it was
+    assert not any(b._forward_hooks for b in narrow_sd15.down_blocks)
     for i in range(4):
         torch.testing.assert_close(student_blocks.outputs[f"down_blocks.{i}"], teacher_blocks.outputs[f"down_blocks.{i}"])
     assert not torch.allclose(student_blocks.outputs["up_blocks.0"], teacher_blocks.outputs["up_blocks.0"])
