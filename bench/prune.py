@@ -10,7 +10,8 @@ UNet (64x64 latents), the same recipe: params_ratio_sd15_l*, latency_ratio_sd15_
 Every lever at once, whole images (text encoding + denoising + decoding), interleaved in one run:
 the level-2 base with its 4-step consistency adapter (single evaluation per step at w) vs the full
 base at 25-step CFG. speedup_all = images per second, ratio; speedup_all_limit = the same ratio from
-the run's component timings (text, one UNet call of each base without the adapter, decoding);
+the run's component timings (text, decoding, and the UNet calls timed for the latency ratios: each
+base without the adapter);
 alignment_gap_all and fid_ratio_all as above.
 """
 
@@ -63,10 +64,12 @@ def run(quick: bool = False) -> dict:
 
     quality(base, "full", TEACHER_STEPS)
     size, text_dim = base.unet.config.sample_size, base.unet.config.cross_attention_dim
+    calls = {}  # (level, batch) -> median seconds of one call of the full and the pruned UNet
     for level, model in pruned.items():
         figures[f"params_ratio_l{level}"] = parameter_count(model.unet) / parameter_count(base.unet)
         for batch, suffix in ((1, ""), (2, "_b2")):
-            t = unet_latency({"full": base.unet, "pruned": model.unet}, batch, size, text_dim, rounds * 10)
+            t = calls[level, batch] = unet_latency({"full": base.unet, "pruned": model.unet}, batch, size, text_dim,
+                                                   rounds * 10)
             figures[f"latency_ratio{suffix}_l{level}"] = t["pruned"] / t["full"]
         quality(model, f"l{level}", TEACHER_STEPS)
         figures[f"alignment_gap_l{level}"] = figures["align_full"] - figures[f"align_l{level}"]
@@ -94,9 +97,8 @@ def run(quick: bool = False) -> dict:
         "text_1": lambda: base.encode_prompts([PROMPT]), "text_2": lambda: base.encode_prompts([PROMPT, ""]),
         "decode": lambda: base.decode(torch.zeros(1, 4, size, size)),
     }, rounds * 3)
-    calls = {b: unet_latency({"full": base.unet, "small": small.unet}, b, size, text_dim, rounds * 3) for b in (1, 2)}
-    full_image = parts["text_2"] + TEACHER_STEPS * calls[2]["full"] + parts["decode"]
-    small_image = parts["text_1"] + STUDENT_STEPS * calls[1]["small"] + parts["decode"]
+    full_image = parts["text_2"] + TEACHER_STEPS * calls[ALL_LEVERS_LEVEL, 2]["full"] + parts["decode"]
+    small_image = parts["text_1"] + STUDENT_STEPS * calls[ALL_LEVERS_LEVEL, 1]["pruned"] + parts["decode"]
     figures.update({"full_image_ms": whole["full"] * 1e3, "all_image_ms": whole["all"] * 1e3,
                     "speedup_all": whole["full"] / whole["all"], "speedup_all_limit": full_image / small_image})
     quality(small, "all", STUDENT_STEPS, adapters=levers, registry=registry)
