@@ -25,6 +25,7 @@ from distillery.serving.config import API_KEY_ENV, Settings, get_settings
 from distillery.serving.engine import Engine
 from distillery.serving.errors import install_error_handlers, unprocessable
 from distillery.serving.jobs import Job, on_torch_thread
+from distillery.serving import playground
 from distillery.serving.openapi import ADMIN, INVALID, PNG_HEADERS, RETRY_AFTER, Limits, install_openapi
 from distillery.serving.schemas import (
     AdapterList,
@@ -245,5 +246,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ready = bool(eng and eng.ready)
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
 
+    app.include_router(playground.router)
     install_openapi(app)
     return app
