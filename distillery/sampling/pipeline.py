@@ -54,8 +54,9 @@ def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tup
 def start_denoising(model: DiffusionModel, prompt: str, seed: int, guidance: float, steps: int,
                   scheduler: str | None = None, adapters: AdapterSet = (), rescale: float = 0.0,
                   height: int | None = None, width: int | None = None, negative_prompt: str = "",
-                  encoded: tuple[torch.Tensor, float] | None = None) -> Denoising:
-    """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler.
+                  encoded: tuple[torch.Tensor, float] | None = None, eta: float = 0.0) -> Denoising:
+    """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler
+    (`eta`: DDIM's, from the seed's step noise).
 
     A w-conditioned adapter in `adapters` -> single-eval sampling, with its scheduler overrides; otherwise CFG.
     """
@@ -70,7 +71,7 @@ def start_denoising(model: DiffusionModel, prompt: str, seed: int, guidance: flo
     made = make_scheduler(scheduler or default_scheduler(distilled), model.scheduler_config,
                           distilled.meta.scheduler_config if single else None)
     sampler = GuidedSampler(made, noise, steps, guidance, cond=text[:1], uncond=None if single else text[1:],
-                            rescale=rescale, generator=step_noise(seed))
+                            rescale=rescale, generator=step_noise(seed), eta=eta)
     return Denoising(sampler, tuple(adapters), {"text_encode": text_ms})
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, LCMScheduler)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler,
-              "lcm": LCMScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+              "dpm": DPMSolverMultistepScheduler, "lcm": LCMScheduler}
 
 
 def make_scheduler(name: str, config: dict, overrides: dict | None = None):
@@ -70,8 +71,10 @@ class GuidedSampler:
     """One image. `uncond` given -> CFG (2 rows per step); None -> single-eval (1 row, w-conditioned)."""
 
     def __init__(self, scheduler, noise: torch.Tensor, steps: int, w: float, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, rescale: float = 0.0, generator: torch.Generator | None = None):
+                 uncond: torch.Tensor | None, rescale: float = 0.0, generator: torch.Generator | None = None,
+                 eta: float = 0.0):
         self.scheduler, self.w, self.rescale, self.generator = scheduler, float(w), rescale, generator
+        self.step_kwargs = {"eta": eta} if eta else {}  # DDIM's eta (Song et al.): 0 deterministic, 1 DDPM-like
         scheduler.set_timesteps(steps, device=noise.device)
         self.timesteps = scheduler.timesteps
         self.latents = noise * scheduler.init_noise_sigma  # (1, C, h, w)
@@ -100,5 +103,5 @@ class GuidedSampler:
         if self.cfg:
             eps = guided(eps[1:2], eps[0:1], self.w, self.rescale)
         t = self.timesteps[self.step_index]
-        self.latents = self.scheduler.step(eps, t, self.latents, generator=self.generator).prev_sample
+        self.latents = self.scheduler.step(eps, t, self.latents, generator=self.generator, **self.step_kwargs).prev_sample
         self.step_index += 1

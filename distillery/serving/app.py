@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import json
 import logging
@@ -15,34 +14,35 @@ from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from distillery.adapters import AdapterError
 from distillery.model import DiffusionModel
+from distillery.serving import playground
 from distillery.serving.config import API_KEY_ENV, Settings, get_settings
 from distillery.serving.engine import Engine
 from distillery.serving.errors import install_error_handlers, unprocessable
-from distillery.serving.jobs import Job, on_torch_thread
-from distillery.serving import playground
-from distillery.serving.openapi import ADMIN, INVALID, PNG_HEADERS, RETRY_AFTER, Limits, install_openapi
+from distillery.serving.jobs import Job, Result, on_torch_thread
+from distillery.serving.openapi import ADMIN, FAILURES, INVALID, PNG_HEADERS, Limits, install_openapi
 from distillery.serving.schemas import (
     AdapterList,
     AdapterLoaded,
     GenerateJSON,
     GenerateRequest,
     Health,
+    ImageRequest,
     LoadAdapterRequest,
     ModelInfo,
     Problem,
     Readiness,
     Unloaded,
 )
+from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs, stream_events
 
 log = logging.getLogger("distillery.app")
 
-DISCONNECT_POLL_S = 0.05
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = 256  # unless the environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY (see load())
 
 
@@ -59,6 +59,12 @@ def _describe(adapter) -> dict:
            "recommended_scheduler": meta.recommended_scheduler, "schedulers": meta.schedulers or None,
            "steps": meta.steps or None}
     return {**out, "w_range": [meta.w_min, meta.w_max]} if adapter.single_eval else out
+
+
+async def generated_json(results: list[Result]) -> dict:
+    """POST /generate's json answer: every image with its info, the first one also at the top level."""
+    images = [{"image_png_base64": b64, "info": info_of(r)} for r, b64 in zip(results, await encoded_b64(results))]
+    return {**images[0], "images": images}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -111,52 +117,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(status_code=401, detail="admin routes need the server's key in the X-API-Key header",
                                 headers={"WWW-Authenticate": 'APIKey header="X-API-Key"'})
 
-    def to_job(req: GenerateRequest, eng: Engine, limits: Limits) -> Job:
-        step, most = limits.size_step, limits.max_size
-        for field in ("width", "height"):
-            value = getattr(req, field)
-            if value is not None and (value % step or not step <= value <= most):
-                raise unprocessable(field, f"{field}: {value} is not allowed (allowed: a multiple of {step} "
-                                            f"in [{step}, {most}])")
-        if req.steps is not None and req.steps > limits.max_steps:
-            raise unprocessable("steps", f"steps: {req.steps} is more than this server allows "
-                                          f"(allowed: integer in [1, {limits.max_steps}])")
-        return Job(prompt=req.prompt, seed=req.seed, scheduler=req.scheduler,
-                   guidance=eng.default_guidance if req.guidance is None else req.guidance, steps=req.steps,
-                   adapters=tuple((a.name, a.weight) for a in req.adapters),
-                   height=req.height, width=req.width, negative_prompt=req.negative_prompt or "")
+    def jobs_for(req: ImageRequest, eng: Engine, limits: Limits) -> list[Job]:
+        check_limits(limits, req.width, req.height, req.steps)
+        job = Job(prompt=req.prompt, seed=0, scheduler=req.scheduler,
+                  guidance=eng.default_guidance if req.guidance is None else req.guidance, steps=req.steps,
+                  adapters=tuple((a.name, a.weight) for a in req.adapters),
+                  height=req.height, width=req.width, negative_prompt=req.negative_prompt or "")
+        return jobs_of(job, req.n, req.seed)
 
     @app.post("/generate", response_class=Response, responses={
         200: {"model": GenerateJSON, "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-              "description": "The image: PNG bytes (`response_format: png`) or base64 PNG and info (`json`).",
+              "description": "The image: PNG bytes (`response_format: png`) or base64 PNGs and info (`json`).",
               "headers": PNG_HEADERS},
-        400: {"model": Problem, "description": "The body cannot be read as JSON text (not UTF-8, say)."},
-        404: {"model": Problem, "description": "An unknown adapter; the message lists those available."},
-        **INVALID,
-        429: {"model": Problem, "description": "The queue is full.", "headers": RETRY_AFTER},
-        503: {"model": Problem, "description": "Not answered in time, or the engine is not serving.",
-              "headers": RETRY_AFTER},
+        **FAILURES,
     })
     async def generate_image(req: GenerateRequest, request: Request, eng: Engine = Depends(engine)) -> Response:
-        """One image. Mode: a guidance-distilled adapter in `adapters` -> single-eval (1 UNet row per step),
-        otherwise cfg (2). Latency breakdown and peak memory come with every answer."""
-        job = to_job(req, eng, request.app.state.limits)
-        task = asyncio.create_task(eng.submit(job))
-        while not task.done():  # a client that goes away cancels its work
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                return Response(status_code=499)
-        result = task.result()
-        job = result.job  # with the scheduler and steps it was sampled with
-        png = await asyncio.to_thread(lambda: result.png)  # PIL encoding: not on the event loop
-        info = {"seed": job.seed, "guidance": job.guidance, "steps": job.steps, "scheduler": job.scheduler,
-                "mode": result.mode,
-                "unet_evaluations": result.unet_evaluations, "adapters": [list(a) for a in job.adapters],
-                "latency_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
-                "peak_memory": result.peak_memory}
+        """`n` images (one batch). Mode: a guidance-distilled adapter in `adapters` -> single-eval (1 UNet row per
+        step), otherwise cfg (2). Latency breakdown and peak memory come with every answer."""
+        if req.n > 1 and req.response_format == "png":
+            raise unprocessable("n", f"n: {req.n} images need response_format 'json' (allowed with png: 1)")
+        results = await run_jobs(eng, jobs_for(req, eng, request.app.state.limits), request)
+        if results is None:  # the client went away: its work was cancelled
+            return Response(status_code=499)
         if req.response_format == "json":
-            return JSONResponse({"image_png_base64": base64.b64encode(png).decode(), "info": info})
+            return JSONResponse(await generated_json(results))
+        result = results[0]
+        png = await asyncio.to_thread(lambda: result.png)  # PIL encoding: not on the event loop
+        info, job = info_of(result), result.job
         headers = {"X-Seed": str(job.seed), "X-Guidance": str(job.guidance), "X-Steps": str(job.steps),
                    "X-Mode": result.mode, "X-UNet-Evaluations": str(result.unet_evaluations),
                    "X-Adapters": ",".join(n for n, _ in job.adapters),
@@ -165,6 +152,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    **{f"X-Latency-{k.replace('_', '-')}-Ms": f"{v:.2f}" for k, v in result.timings_ms.items()},
                    "X-Info": json.dumps(info, separators=(",", ":"))}
         return Response(png, media_type="image/png", headers=headers)
+
+    @app.post("/generate/stream", response_class=StreamingResponse, responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              "description": "Server-sent events: `progress` {index, step, steps} after each step of image `index`, "
+                             "then `result` (POST /generate's json answer), or `error` {status, detail} if it fails "
+                             "after the stream began."},
+        **FAILURES,
+    })
+    async def generate_stream(req: ImageRequest, request: Request, eng: Engine = Depends(engine)) -> StreamingResponse:
+        """As POST /generate, with live progress: what the playground at / shows."""
+        jobs = jobs_for(req, eng, request.app.state.limits)
+        events: asyncio.Queue = asyncio.Queue()
+        run = asyncio.create_task(run_jobs(eng, jobs, on_step=lambda i, k, n: events.put_nowait(
+            ("progress", {"index": i, "step": k, "steps": n}))))
+        run.add_done_callback(lambda _: events.put_nowait(None))
+        first = await events.get()  # refusals before any step (unknown adapter, full queue) answer as errors
+        if first is None:
+            await run  # raises the refusal, answered by the error handlers; or ended without progress
+        return StreamingResponse(stream_events(first, events, run, generated_json), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/adapters", response_model=AdapterList, response_model_exclude_none=True)
     async def list_adapters(eng: Engine = Depends(engine)) -> dict:

@@ -73,14 +73,14 @@ class Engine:
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def load_adapters_from(self, root: str | Path) -> list[str]:
-        """Register every adapter folder under `root`, named after its folder; a bad one is logged and skipped."""
+        """Register every adapter folder under `root` (named after it) and LoRA file `root/<name>.safetensors`."""
         loaded = []
-        for meta in sorted(Path(root).glob(f"*/{META_FILE}")):
-            try:
-                self.registry.load(meta.parent.name, meta.parent)
-                loaded.append(meta.parent.name)
+        folders = [meta.parent for meta in Path(root).glob(f"*/{META_FILE}")]
+        for path in sorted(folders + [*Path(root).glob("*.safetensors")]):
+            try:  # a bad one is logged and skipped
+                loaded.append(self.registry.load(path.stem if path.is_file() else path.name, path).name)
             except AdapterError as exc:
-                log.warning("adapter %s not loaded: %s", meta.parent, exc)
+                log.warning("adapter %s not loaded: %s", path, exc)
         return loaded
 
     def resolve(self, job: Job, reload: bool = True) -> AdapterSet | None:
@@ -132,11 +132,12 @@ class Engine:
         for adapter in list(self.registry.resident.values()):
             generate(self.model, ["warm-up"], [0], adapter.meta.w_min, steps=1, adapters=((adapter, 1.0),), **kw)
 
-    async def submit(self, job: Job) -> Result:
-        """The job's image. Raises QueueFull, RequestTimeout, EngineUnavailable, UnknownAdapter, AdapterError
+    async def submit(self, job: Job, on_step=None) -> Result:
+        """The job's image; `on_step(done, steps)` after each of its steps. Raises QueueFull, RequestTimeout, EngineUnavailable, UnknownAdapter, AdapterError
         or InvalidJob; a failure inside the request's own steps is re-raised as it happened."""
         if not self.ready:
-            raise EngineUnavailable(f"the engine is not serving ({self._why_unavailable()}); retry later")
+            why = f"its worker died: {self.dead!r}" if self.dead else "not ready"
+            raise EngineUnavailable(f"the engine is not serving ({why}); retry later")
         chosen = self.resolve(job, reload=False)
         if chosen is None:  # an evicted adapter is read back from disk: on the torch thread
             chosen = await on_torch_thread(self.resolve, job)
@@ -145,7 +146,7 @@ class Engine:
             self.metrics.errors.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
         item = InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter(),
-                         self.cost(job, rows_per_step(chosen)))
+                         self.cost(job, rows_per_step(chosen)), on_step=on_step)
         self.registry.acquire(chosen)  # in use from now: neither evicted nor unloaded under the request
         self.pending.append(item)
         self._arrived.set()
@@ -157,9 +158,6 @@ class Engine:
         finally:
             if not item.future.done():  # timed out, or the caller was cancelled (client went away)
                 item.future.cancel()
-
-    def _why_unavailable(self) -> str:
-        return f"its worker died: {self.dead!r}" if self.dead else "not ready"
 
     def _admit(self) -> list[InFlight]:
         """Move pending requests in flight, in order, while their cost fits `max_rows` (one always fits)."""
@@ -193,7 +191,7 @@ class Engine:
             try:
                 item.denoising = start_denoising(self.model, j.prompt, j.seed, j.guidance, j.steps, j.scheduler,
                                              item.adapters, height=j.height, width=j.width,
-                                             negative_prompt=j.negative_prompt, encoded=enc)
+                                             negative_prompt=j.negative_prompt, encoded=enc, eta=j.eta)
             except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
                 failed.append((item, exc))
         return failed
@@ -260,6 +258,8 @@ class Engine:
             for a, exc in failed:
                 self.active.remove(a)
                 self._close(a, "error", exc)
+            for a in self.active:
+                a.report_step()
             for a in done:
                 self.active.remove(a)
                 self._close(a, "ok")

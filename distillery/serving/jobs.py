@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,6 +44,14 @@ async def on_torch_thread(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(TORCH_THREAD, fn, *args)
 
 
+SEED_RANGE = 2**32  # a seed the server picks: what A1111 and ComfyUI users are used to seeing
+
+
+def random_seed() -> int:
+    """For a request that gives none; reported back, so the image can be made again."""
+    return secrets.randbelow(SEED_RANGE)
+
+
 @dataclass(frozen=True)
 class Job:
     prompt: str
@@ -53,6 +63,7 @@ class Job:
     height: int | None = None
     width: int | None = None
     negative_prompt: str = ""
+    eta: float = 0.0  # DDIM's eta (the A1111 API's); other schedulers take none
 
 
 @dataclass
@@ -66,8 +77,12 @@ class Result:
 
     @property
     def png(self) -> bytes:
+        return self.encoded()
+
+    def encoded(self, fmt: str = "png", quality: int | None = None) -> bytes:
+        """PNG (or JPEG / WebP at `quality`) bytes of the image."""
         buf = io.BytesIO()
-        self.image.save(buf, format="PNG")
+        self.image.save(buf, format=fmt.upper(), **({"quality": quality} if quality is not None else {}))
         return buf.getvalue()
 
 
@@ -89,6 +104,11 @@ class InFlight:
     started: float = 0.0
     image: object = None
     memory: MemoryTracker = field(default_factory=MemoryTracker)
+    on_step: Callable[[int, int], None] | None = None  # (steps done, steps): live progress, on the event loop
+
+    def report_step(self) -> None:
+        if self.on_step is not None:
+            self.on_step(self.denoising.sampler.step_index, len(self.denoising.sampler.timesteps))
 
     @property
     def rows(self) -> int:

@@ -31,6 +31,14 @@ RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying."
                                "schema": {"type": "integer", "minimum": 0}}}
 INVALID = {422: {"model": InvalidFields, "description": "Invalid fields: each named, with the value and what is "
                                                         "allowed."}}
+FAILURES = {  # what any generation route may answer besides its images
+    400: {"model": Problem, "description": "The body cannot be read as JSON text (not UTF-8, say)."},
+    404: {"model": Problem, "description": "An unknown adapter; the message lists those available."},
+    **INVALID,
+    429: {"model": Problem, "description": "The queue is full.", "headers": RETRY_AFTER},
+    503: {"model": Problem, "description": "Not answered in time, or the engine is not serving.",
+          "headers": RETRY_AFTER},
+}
 ADMIN = {
     401: {"model": Problem, "description": "Missing or wrong `X-API-Key`.",
           "headers": {"WWW-Authenticate": {"description": "The scheme: the `X-API-Key` header.",
@@ -58,7 +66,9 @@ def install_openapi(app: FastAPI) -> None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _drop_impossible_422(doc)
             # FastAPI's document model turns bounds into floats, and 2**63 - 1 is not one: the exact integer
-            doc["components"]["schemas"]["GenerateRequest"]["properties"]["seed"]["maximum"] = MAX_SEED
+            for name in ("ImageRequest", "GenerateRequest"):
+                seed = doc["components"]["schemas"][name]["properties"]["seed"]
+                next(b for b in seed.get("anyOf", [seed]) if b.get("type") == "integer")["maximum"] = MAX_SEED
             limits = getattr(app.state, "limits", None)
             if limits is None:  # before the model loads: the static bounds only, and not cached
                 return doc
@@ -85,13 +95,17 @@ def _drop_impossible_422(doc: dict) -> None:
 
 
 def _state_limits(doc: dict, limits: Limits) -> None:
-    """The loaded model's bounds on steps and sizes in GenerateRequest, so that schema-valid data is accepted."""
-    props = doc["components"]["schemas"]["GenerateRequest"]["properties"]
+    """The loaded model's bounds on steps and sizes in the request schemas, so that schema-valid data is accepted."""
+    for name in ("ImageRequest", "GenerateRequest"):
+        _state_size_and_steps(doc["components"]["schemas"][name]["properties"], limits)
+
+
+def _state_size_and_steps(props: dict, limits: Limits, names=("width", "height", "steps")) -> None:
 
     def integer_branch(prop: dict) -> dict:
         return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == "integer")
 
-    integer_branch(props["steps"])["maximum"] = limits.max_steps
-    for field in ("width", "height"):
+    integer_branch(props[names[2]])["maximum"] = limits.max_steps
+    for field in names[:2]:
         branch = integer_branch(props[field])
         branch.update(minimum=limits.size_step, maximum=limits.max_size, multipleOf=limits.size_step)

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STEPS = 1000
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
+MAX_IMAGES = 10  # per request: the OpenAI API's bound; they are submitted together (distillery/serving/submit.py)
+SCHEDULER_NAMES = ("ddim", "euler", "euler_a", "dpm", "lcm")  # distillery/sampling/sampler.py SCHEDULERS
 # A folder under the adapters root: relative, segments separated by "/", none of them empty, "." or ".."
 # (a segment may not start with "."), no control characters. What the server can check without a disk.
 ADAPTER_PATH_PATTERN = r"^[^/.\x00-\x1f\x7f][^/\x00-\x1f\x7f]*(/[^/.\x00-\x1f\x7f][^/\x00-\x1f\x7f]*)*$"
@@ -36,7 +38,9 @@ class AdapterRef(BaseModel):
     weight: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="LoRA scale.")
 
 
-class GenerateRequest(BaseModel):
+class ImageRequest(BaseModel):
+    """What POST /generate/stream takes (progress events, then the json answer); POST /generate adds the format."""
+
     # strict: "25" is not a number of steps; forbid: a misspelt field is an error, not ignored.
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -55,16 +59,18 @@ class GenerateRequest(BaseModel):
                                           "step-distilled adapter supports (GET /adapters: steps). Default: the "
                                           "step-distilled adapter's recommended_steps, else the model's, "
                                           "capped likewise.")
-    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the initial noise.")
-    scheduler: Literal["ddim", "euler", "dpm", "lcm"] | None = Field(
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED,
+                             description="Seed of the initial noise; image i of n gets seed + i. Omitted: a random "
+                                         "one in [0, 2^32), reported in the answer.")
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Images, made together (one batch); more than one "
+                                                               "needs response_format json.")
+    scheduler: Literal[SCHEDULER_NAMES] | None = Field(
         default=None, description="Diffusers scheduler. Default: the distilled adapter's own (GET /adapters: "
                                   "recommended_scheduler), else ddim; a step-distilled adapter allows only its own.")
     width: int | None = Field(default=None, ge=8, le=4096,
                               description="Pixels; a multiple of the model's size step (GET /model), at most twice its "
                                           "native size. Default: the native size.")
     height: int | None = Field(default=None, ge=8, le=4096, description="As width.")
-    response_format: Literal["png", "json"] = Field(
-        default="png", description="png: raw bytes, info in X-* headers; json: base64 PNG and info.")
     adapters: list[AdapterRef] = Field(
         default_factory=list, max_length=8,
         description="Adapters to apply. With a guidance-distilled adapter in the set, sampling makes ONE UNet "
@@ -72,11 +78,16 @@ class GenerateRequest(BaseModel):
                     "otherwise classifier-free guidance makes two (cfg mode).",
     )
 
-    @field_validator("steps", "seed", "width", "height", mode="before")
+    @field_validator("steps", "seed", "n", "width", "height", mode="before")
     @classmethod
     def _integral(cls, value: Any) -> Any:
         """An integer as JSON Schema has it: 4.0 is one (JSON cannot tell them apart); "4", true and 2.5 are not."""
         return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class GenerateRequest(ImageRequest):
+    response_format: Literal["png", "json"] = Field(
+        default="png", description="png: raw bytes, info in X-* headers (n = 1 only); json: base64 PNGs and info.")
 
 
 # ---- responses (documented in the OpenAPI document; the error bodies are what every error answers)
@@ -118,9 +129,15 @@ class GenerateInfo(BaseModel):
     peak_memory: PeakMemory
 
 
-class GenerateJSON(BaseModel):
+class ImageJSON(BaseModel):
     image_png_base64: str
     info: GenerateInfo
+
+
+class GenerateJSON(ImageJSON):
+    """The first image at the top level (as before `n` existed), and every image in `images`."""
+
+    images: list[ImageJSON]
 
 
 class AdapterInfo(BaseModel):
