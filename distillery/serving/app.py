@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from distillery.adapters import AdapterError
 from distillery.model import DiffusionModel
-from distillery.serving import playground
+from distillery.serving import openai_api, playground
 from distillery.serving.config import API_KEY_ENV, Settings, get_settings
 from distillery.serving.engine import Engine
 from distillery.serving.errors import install_error_handlers, unprocessable
@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "eps = (1 + w) eps(c) - w eps(empty).")
 
     install_error_handlers(app, settings)
+    app.state.settings = settings
 
     def engine(request: Request) -> Engine:
         return request.app.state.engine
@@ -254,5 +255,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
 
     app.include_router(playground.router)
+    app.include_router(openai_api.router)
     install_openapi(app)
     return app

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_steps: int | None = None  # operator's cap on steps per request; unset: what the scheduler allows
     exit_on_worker_death: bool = True  # the engine's worker died: stop the process so the orchestrator restarts it
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # The OpenAI API's models beyond the base and one per adapter: {"id": ["adapter", "adapter:weight", ...]},
+    # e.g. DISTILLERY_PRESETS='{"fast-stripes": ["lcm-toy", "stripes-toy:0.8"]}'
+    presets: dict[str, list[str]] = {}
 
 
 @lru_cache

@@ -96,8 +96,19 @@ def _drop_impossible_422(doc: dict) -> None:
 
 def _state_limits(doc: dict, limits: Limits) -> None:
     """The loaded model's bounds on steps and sizes in the request schemas, so that schema-valid data is accepted."""
+    schemas = doc["components"]["schemas"]
     for name in ("ImageRequest", "GenerateRequest"):
-        _state_size_and_steps(doc["components"]["schemas"][name]["properties"], limits)
+        _state_size_and_steps(schemas[name]["properties"], limits)
+    if "ImagesRequest" in schemas:  # OpenAI's size: exactly the 'WxH' this model takes
+        props = schemas["ImagesRequest"]["properties"]
+        sides = "|".join(str(v) for v in range(limits.size_step, limits.max_size + 1, limits.size_step))
+        _branch(props["size"], "string")["pattern"] = f"^(auto|({sides})x({sides}))$"
+        _branch(props["steps"], "integer")["maximum"] = limits.max_steps
+
+
+def _branch(prop: dict, kind: str) -> dict:
+    """The `kind` branch of an optional field's schema (anyOf [kind, null]), or the schema itself."""
+    return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == kind)
 
 
 def _state_size_and_steps(props: dict, limits: Limits, names=("width", "height", "steps")) -> None:

@@ -239,6 +239,8 @@ def describe_errors(model: type[BaseModel] | None, errors: list[dict]) -> list[d
             allowed = f"one of the known fields: {', '.join(owner.model_fields)}"
         if err["type"] == "string_unicode":  # valid JSON ("\udcff") that no tokenizer or file system can take
             allowed = "valid Unicode text: a lone surrogate (\\ud800-\\udfff) cannot be encoded as UTF-8"
+        if err["type"] in ("literal_error", "none_required") and owner and owner.model_fields.get(field):
+            allowed = owner.model_fields[field].description or allowed  # says why the others are refused
         if err["type"] == "string_pattern_mismatch":
             allowed = PATTERN_HELP.get((err.get("ctx") or {}).get("pattern"), allowed)
         message = f"{field}: {_text(err['msg'])}" + (f" (allowed: {allowed})" if allowed else "")

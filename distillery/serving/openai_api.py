@@ -1,0 +1,154 @@
+"""The OpenAI Images API (`POST /v1/images/generations`, `GET /v1/models`), so that the official `openai` client
+and everything built on it can generate here. A `model` is a preset: the base alone, the base with one adapter (every
+adapter is a model of its name), or an operator's set (`DISTILLERY_PRESETS`); `<lora:name:weight>` in the prompt adds
+adapters as in the A1111 API. Fields the server cannot honour are refused, never ignored. Errors come in OpenAI's shape
+(distillery/serving/errors.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from distillery.serving.errors import unprocessable
+from distillery.serving.jobs import Job
+from distillery.serving.openapi import Limits
+from distillery.serving.prompt_tags import lora_tags
+from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
+from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
+
+BASE_MODEL = "base"  # the model alone: CFG at the server's default w and steps
+SIZE_PATTERN = r"^(auto|[0-9]+x[0-9]+)$"  # the loaded model's exact sizes are stated in the OpenAPI document
+CREATED = int(time.time())  # the models' creation time: the server's start
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"])
+
+
+class ImagesRequest(BaseModel):
+    """openai-python's ImageGenerateParams; `seed`, `steps`, `guidance`, `negative_prompt` are distillery's
+    extensions (the client's `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(max_length=1000, description="Text prompt; `<lora:name:weight>` tags add adapters.")
+    model: str | None = Field(default=None, max_length=200, description=f"A preset (GET /v1/models). Default: "
+                                                                        f"{BASE_MODEL!r}, the model alone.")
+    n: int | None = Field(default=1, ge=1, le=MAX_IMAGES, description="Images; seeds seed, seed + 1, ...")
+    size: str | None = Field(default="auto", max_length=20, pattern=SIZE_PATTERN,
+                             description="'WxH' in pixels, each a multiple of the model's size step up to twice its "
+                                         "native size (GET /model), or 'auto': the native size.")
+    response_format: Literal["b64_json"] | None = Field(
+        default=None, description="b64_json only: images come inline ('url' is refused: this server keeps no "
+                                  "files to link to).")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(default=None, description="Default png.")
+    output_compression: int | None = Field(default=None, ge=0, le=100, description="jpeg / webp quality.")
+    quality: Literal["auto", "standard"] | None = Field(
+        default=None, description="auto / standard: the preset's own steps ('hd', 'high', ... are refused: set "
+                                  "`steps`).")
+    background: Literal["auto", "opaque"] | None = Field(default=None, description="Images are opaque ("
+                                                                                    "'transparent' is refused).")
+    moderation: Literal["auto", "low"] | None = Field(default=None, description="Accepted; no moderation runs here.")
+    style: None = Field(default=None, description="Refused when set: no vivid/natural presets here.")
+    stream: Literal[False] | None = Field(default=None, description="false only (the native POST /generate/stream "
+                                                                    "streams progress).")
+    partial_images: Literal[0] | None = Field(default=None, description="0 only.")
+    user: str | None = Field(default=None, max_length=200, description="Accepted, for the client's bookkeeping.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="distillery: the first image's seed. "
+                                                                          "Default: random, reported.")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="distillery: denoising steps.")
+    guidance: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                                   description="distillery: guidance weight w (guidance_scale - 1).")
+    negative_prompt: str | None = Field(default=None, max_length=1000, description="distillery: cfg mode only.")
+
+    @field_validator("n", "seed", "steps", "output_compression", mode="before")
+    @classmethod
+    def _integral(cls, value):
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    url: None = None
+    revised_prompt: None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+    info: list[dict] = Field(description="distillery: each image's seed, steps, mode, latency and memory.")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def presets(request: Request) -> dict[str, tuple[tuple[str, float], ...]]:
+    """Model id -> its adapters: the base, one per registered adapter, and the operator's presets."""
+    eng, configured = request.app.state.engine, request.app.state.settings.presets
+    found = {BASE_MODEL: (), **{name: ((name, 1.0),) for name in sorted(eng.registry.known)}}
+    for name, refs in configured.items():
+        found[name] = tuple((ref.partition(":")[0], float(ref.partition(":")[2] or 1.0)) for ref in refs)
+    return found
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> dict:
+    """The presets a request's `model` may name."""
+    return {"data": [{"id": name, "created": CREATED, "owned_by": "distillery"} for name in presets(request)]}
+
+
+@router.post("/images/generations", response_model=ImagesResponse, responses={
+    400: {"description": "Invalid fields (OpenAI's error shape: error.param names the field)."},
+    404: {"description": "An unknown model or adapter (error.code model_not_found for a model)."},
+    429: {"description": "The queue is full."},
+    503: {"description": "Not answered in time, or the engine is not serving."},
+})
+async def generate_images(req: ImagesRequest, request: Request) -> dict:
+    """`n` images of one preset, made together; the answer is OpenAI's ImagesResponse."""
+    eng, limits, known = request.app.state.engine, request.app.state.limits, presets(request)
+    model = req.model or BASE_MODEL
+    if model not in known:
+        raise unprocessable("model", f"model: the model {model!r} does not exist (allowed: {sorted(known)})",
+                            status=404, code="model_not_found")
+    width, height = _size(req.size, eng.model.default_size, limits)
+    check_limits(limits, width, height, req.steps)
+    prompt, tagged = lora_tags(req.prompt)
+    job = Job(prompt=prompt, seed=0, guidance=eng.default_guidance if req.guidance is None else req.guidance,
+              steps=req.steps, adapters=known[model] + tagged, height=height, width=width,
+              negative_prompt=req.negative_prompt or "")
+    results = await run_jobs(eng, jobs_of(job, req.n or 1, req.seed), request)
+    if results is None:  # the client went away: its work was cancelled
+        return Response(status_code=499)
+    fmt = req.output_format or "png"
+    images = await encoded_b64(results, fmt, req.output_compression if fmt != "png" else None)
+    return {"created": int(time.time()), "data": [{"b64_json": b64} for b64 in images], "output_format": fmt,
+            "size": f"{width}x{height}", "info": [info_of(r) for r in results]}
+
+
+def sizes(limits: Limits) -> list[int]:
+    """The widths (and heights) the loaded model takes."""
+    return list(range(limits.size_step, limits.max_size + 1, limits.size_step))
+
+
+def _size(size: str | None, native: int, limits: Limits) -> tuple[int, int]:
+    if size in (None, "auto"):
+        return native, native
+    width, height = (int(v) for v in size.split("x"))
+    if width not in sizes(limits) or height not in sizes(limits):
+        raise unprocessable("size", f"size: {size!r} is not allowed here (allowed: 'auto' or 'WxH', W and H "
+                                    f"multiples of {limits.size_step} in [{limits.size_step}, {limits.max_size}], "
+                                    f"e.g. '{native}x{native}')")
+    return width, height
