@@ -4,6 +4,10 @@
                                                  stock diffusers `load_lora_weights` loads it
     <adapter>/guidance_projection.safetensors    the w projection ("weight": (C, E)), w-conditioned kinds only
     <adapter>/adapter.json                       AdapterMeta
+
+A plain LoRA file (`<name>.safetensors` as other tools write it: kohya / A1111, diffusers or peft keys; no
+adapter.json) is a style adapter too: its metadata comes from its weights and the model it is loaded on
+(`loaded.py`), its keys go through diffusers' converters (`keys.py`).
 """
 
 from __future__ import annotations
@@ -101,6 +105,13 @@ def read_adapter(folder: Path, base_fingerprint: str) -> AdapterFiles:
         if projection is None or projection.shape[1] != meta.embedding_dim:
             raise AdapterError(f"{folder / PROJECTION_FILE}: expected 'weight' of shape (C, {meta.embedding_dim})")
     return AdapterFiles(meta, lora, projection)
+
+
+def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    """A plain LoRA file's tensors (any layout diffusers reads; checked by `keys.unet_lora_pairs`)."""
+    if path.suffix != ".safetensors":
+        raise AdapterError(f"{path}: an adapter is a folder with {META_FILE} or a LoRA .safetensors file")
+    return _load_safetensors(path)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import torch
 
-from distillery.adapters.files import STEP_DISTILLED, W_CONDITIONED, AdapterError, AdapterMeta, read_adapter
+from distillery.adapters.files import (
+                                       STEP_DISTILLED,
+                                       W_CONDITIONED,
+                                       AdapterError,
+                                       AdapterMeta,
+                                       read_adapter,
+                                       read_lora_file,
+)
 from distillery.adapters.keys import fit_to_layer, unet_lora_pairs
 
 AdapterSet = tuple[tuple["LoadedAdapter", float], ...]  # (adapter, weight) pairs: what one image row uses
@@ -93,22 +100,37 @@ def sampling_for(chosen: AdapterSet, scheduler: str | None, steps: int | None, d
     return scheduler, steps
 
 
-def read_loaded(name: str, folder: Path, model) -> LoadedAdapter:
-    """Read and check an adapter folder against `model` (whose UNet has serving layers), in owned memory."""
-    files = read_adapter(folder, model.fingerprint)
+def plain_lora_meta(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], base_fingerprint: str) -> AdapterMeta:
+    """A plain LoRA file's metadata: a style adapter at scale 1 (its alphas are folded into B per layer). The
+    file cannot say which base it was made for: it takes the model's, and every layer is checked against it."""
+    rank = max(a.shape[0] for a, _ in layers.values())
+    return AdapterMeta(kind="style", base_fingerprint=base_fingerprint, rank=rank, alpha=float(rank),
+                       target_modules=sorted(layers))
+
+
+def read_loaded(name: str, path: Path, model) -> LoadedAdapter:
+    """Read and check an adapter folder, or a plain LoRA .safetensors file, against `model` (whose UNet has
+    serving layers), in owned memory."""
+    path = Path(path)
+    if path.is_file():
+        lora, meta, projection = read_lora_file(path), None, None
+    else:
+        files = read_adapter(path, model.fingerprint)
+        lora, meta, projection = files.lora, files.meta, files.projection
     unet = model.unet
     layers = {}
-    for layer, (a, b) in unet_lora_pairs(files.lora, folder).items():
+    for layer, (a, b) in unet_lora_pairs(lora, path).items():
         try:
             served = unet.get_submodule(layer)
         except AttributeError:
-            raise AdapterError(f"{folder}: layer {layer!r} does not exist in the base UNet") from None
+            raise AdapterError(f"{path}: layer {layer!r} does not exist in the base UNet (made for another "
+                               f"base?)") from None
         if not hasattr(served, "base"):  # every Linear and zero-padded ungrouped Conv2d is a serving layer
-            raise AdapterError(f"{folder}: layer {layer!r} is {type(served).__name__}; LoRA is served on Linear "
+            raise AdapterError(f"{path}: layer {layer!r} is {type(served).__name__}; LoRA is served on Linear "
                                f"and zero-padded ungrouped Conv2d layers")
-        layers[layer] = fit_to_layer(folder, layer, served.base, a, b)
-    proj = files.projection.to(device=unet.device, dtype=unet.dtype, copy=True) if files.projection is not None else None
+        layers[layer] = fit_to_layer(path, layer, served.base, a, b)
+    proj = projection.to(device=unet.device, dtype=unet.dtype, copy=True) if projection is not None else None
     if proj is not None and proj.shape[0] != unet.time_embedding.linear_1.in_features:
-        raise AdapterError(f"{folder}: w projection has {proj.shape[0]} outputs; the UNet's timestep embedding "
+        raise AdapterError(f"{path}: w projection has {proj.shape[0]} outputs; the UNet's timestep embedding "
                            f"takes {unet.time_embedding.linear_1.in_features}")
-    return LoadedAdapter(name, folder, files.meta, layers, proj)
+    return LoadedAdapter(name, path, meta or plain_lora_meta(layers, model.fingerprint), layers, proj)
