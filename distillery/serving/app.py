@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from distillery.adapters import AdapterError
 from distillery.model import DiffusionModel
-from distillery.serving import openai_api, playground
+from distillery.serving import a1111_api, openai_api, playground
 from distillery.serving.config import API_KEY_ENV, Settings, get_settings
 from distillery.serving.engine import Engine
 from distillery.serving.errors import install_error_handlers, unprocessable
@@ -256,5 +256,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(playground.router)
     app.include_router(openai_api.router)
+    app.include_router(a1111_api.router)
     install_openapi(app)
     return app

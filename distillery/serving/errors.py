@@ -18,7 +18,8 @@ RETRY_AFTER_FULL_S = 1  # a full queue drains within a few UNet steps
 RETRY_AFTER_UNAVAILABLE_S = 5  # timed out, warming up, stopping or restarting: give it longer
 HTTP_REASONS = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict",
                 422: "RequestValidationError", 429: "TooManyRequests", 503: "ServiceUnavailable"}
-GUIDANCE_FIELD = {"/sdapi/": "cfg_scale"}  # w, as each API names it (OpenAI's is the `guidance` extension)
+# The engine's field names as an API calls them (OpenAI's extensions use the native names)
+A1111_FIELDS = {"guidance": "cfg_scale", "scheduler": "sampler_name"}  # cfg_scale = 1 + w
 
 
 def unprocessable(field: str, message: str, status: int = 422, code: str | None = None) -> HTTPException:
@@ -38,6 +39,7 @@ def answer(request: Request, status: int, detail: str | list[dict], headers: dic
                  "code": fields[0].get("code") if fields else None}
         return JSONResponse(status_code=400 if status == 422 else status, content={"error": error}, headers=headers)
     if path.startswith("/sdapi/"):
+        detail = [{**f, "field": A1111_FIELDS.get(f["field"], f["field"])} for f in fields] or detail
         error = {"error": HTTP_REASONS.get(status, "Error"), "detail": detail, "body": "", "errors": message}
         return JSONResponse(status_code=status, content=error, headers=headers)
     return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
@@ -73,7 +75,7 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(GuidanceOutOfRange)
     async def guidance_out_of_range(request: Request, exc: GuidanceOutOfRange):
-        return answer(request, 422, fields(GUIDANCE_FIELD.get(request.url.path[:7], "guidance"), str(exc)))
+        return answer(request, 422, fields("guidance", str(exc)))
 
     @app.exception_handler(UnsupportedSampling)
     async def unsupported_sampling(request: Request, exc: UnsupportedSampling):

@@ -201,6 +201,8 @@ def allowed_range(model: type[BaseModel], field: str) -> str | None:
             lo = f"[{m.ge}" if isinstance(m, Ge) else f"({m.gt}"
         if isinstance(m, (Le, Lt)):
             hi = f"{m.le}]" if isinstance(m, Le) else f"{m.lt})"
+    if any(getattr(t, "__origin__", None) in (dict, list) for t in _types(info.annotation)):
+        return None  # a container: its item types are not its own
     kind = {int: "integer", float: "finite number", str: "string"}
     base = next((kind[t] for t in kind if t in _types(info.annotation)), None)
     if lo or hi:
@@ -239,11 +241,13 @@ def describe_errors(model: type[BaseModel] | None, errors: list[dict]) -> list[d
             allowed = f"one of the known fields: {', '.join(owner.model_fields)}"
         if err["type"] == "string_unicode":  # valid JSON ("\udcff") that no tokenizer or file system can take
             allowed = "valid Unicode text: a lone surrogate (\\ud800-\\udfff) cannot be encoded as UTF-8"
-        if err["type"] in ("literal_error", "none_required") and owner and owner.model_fields.get(field):
-            allowed = owner.model_fields[field].description or allowed  # says why the others are refused
+        why = owner.model_fields[field].description or "" if owner and owner.model_fields.get(field) else ""
+        if err["type"] in ("literal_error", "none_required") and "refused" in why.lower():
+            allowed = why  # says why the other values are refused
         if err["type"] == "string_pattern_mismatch":
             allowed = PATTERN_HELP.get((err.get("ctx") or {}).get("pattern"), allowed)
-        message = f"{field}: {_text(err['msg'])}" + (f" (allowed: {allowed})" if allowed else "")
+        text = _text(err["msg"]).removeprefix("Value error, ")  # our validators' messages say what is allowed
+        message = f"{field}: {text}" + (f" (allowed: {allowed})" if allowed and "allowed:" not in text else "")
         out.append({"field": ".".join(names) or "body", "message": message, "input": _jsonable(err.get("input"))})
     return out
 

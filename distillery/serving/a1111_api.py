@@ -1,0 +1,254 @@
+"""The AUTOMATIC1111 web UI API (`POST /sdapi/v1/txt2img`, `GET /sdapi/v1/samplers | sd-models | loras`), so that
+`webuiapi` and the scripts written for A1111 generate here. Every txt2img field A1111 knows is accepted: what applies
+is honoured (cfg_scale -> w = cfg_scale - 1, seed -1 = random, batch_size x n_iter images, `<lora:name:weight>` in
+the prompt, DDIM's eta); a field that would change the image and cannot be honoured (`enable_hr: true`, ...) is a 422
+naming it, never a silent ignore. Errors come in A1111's shape (distillery/serving/errors.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from distillery.serving.errors import unprocessable
+from distillery.serving.jobs import Job
+from distillery.serving.prompt_tags import lora_tags
+from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
+from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
+
+# A1111 sampler name -> (distillery scheduler, A1111's aliases)
+SAMPLERS = {"Euler a": ("euler_a", ["k_euler_a", "k_euler_ancestral"]), "Euler": ("euler", ["k_euler"]),
+            "DDIM": ("ddim", []), "DPM++ 2M": ("dpm", ["k_dpmpp_2m"]), "LCM": ("lcm", ["k_lcm"])}
+EULER_A = ["Euler a", *SAMPLERS["Euler a"][1]]
+ETA_ONE = {"properties": {"eta": {"enum": [1, None]}}}
+SAMPLER_NAMES = tuple(n for name, (_, aliases) in SAMPLERS.items() for n in (name, *aliases))
+# Fields that change the image and have no counterpart here: the values allowed, and why the others are refused.
+REFUSED = {
+    "enable_hr": ((False, None), "no hires-fix second pass here"),
+    "restore_faces": ((False, None), "no face restoration model here"),
+    "tiling": ((False, None), "no tiling convolutions here"),
+    "styles": (([], None), "no saved prompt styles here: put the text in the prompt"),
+    "subseed_strength": ((0, None), "no variation seeds here"),
+    "s_min_uncond": ((0, None), "the unconditional branch is never skipped here"),
+    "s_churn": ((0, None), "no stochastic churn here"),
+    "s_noise": ((1, None), "ancestral noise is not scaled here"),
+    "refiner_checkpoint": ((None, "", "None"), "no refiner model here"),
+    "firstpass_image": ((None, ""), "txt2img here starts from noise"),
+    "infotext": ((None, ""), "send the parameters as fields"),
+    "script_name": ((None, ""), "no scripts here"),
+    "script_args": (([], None), "no scripts here"),
+    "save_images": ((False, None), "this server keeps no images"),
+    "scheduler": ((None, "automatic", "Automatic"), "the sampler's own noise schedule only"),
+}
+MAX_WEIGHTLESS_TEXT = 2000  # A1111 prompts carry tags and weights: longer than the native API's
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+
+
+def _refusable(name: str, default: Any = None):
+    allowed, why = REFUSED[name]
+    return Field(default=default, description=f"Accepted: {[v for v in allowed]}; other values are refused ({why}).",
+                 json_schema_extra={"enum": list(allowed)})
+
+
+class OverrideSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sd_model_checkpoint: str | None = Field(default=None, max_length=1000,
+                                            description="The loaded model's title or name (GET /sdapi/v1/sd-models).")
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's StableDiffusionTxt2ImgProcessingAPI (modules/api/models.py), every field."""
+
+    # strict: "25" is not a number of steps; forbid: a misspelt field is an error, not ignored
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"allOf": [  # Euler a: eta 1 only
+        {"if": {"properties": {"sampler_name": {"enum": EULER_A}}, "required": ["sampler_name"]}, "then": ETA_ONE},
+        {"if": {"properties": {"sampler_name": {"type": "null"}, "sampler_index": {"enum": EULER_A}},
+                "required": ["sampler_index"]}, "then": ETA_ONE}]})
+
+    prompt: str = Field(default="", max_length=MAX_WEIGHTLESS_TEXT, description="`<lora:name:weight>` adds adapters.")
+    negative_prompt: str = Field(default="", max_length=MAX_WEIGHTLESS_TEXT, description="cfg mode only.")
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="-1: random (reported in info).")
+    sampler_name: Literal[SAMPLER_NAMES] | None = Field(
+        default=None, description="Default: the distilled adapter's own scheduler, else DDIM.")
+    sampler_index: Literal[SAMPLER_NAMES] | None = Field(default=None, description="Deprecated: sampler_name.")
+    batch_size: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Images made together.")
+    n_iter: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Batches, one after the other.")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: the server's.")
+    cfg_scale: float | None = Field(default=None, ge=1.0, le=1.0 + MAX_GUIDANCE, allow_inf_nan=False,
+                                    description="guidance_scale = 1 + w. Default: the server's w.")
+    width: int | None = Field(default=None, ge=8, le=4096, description="Default: the model's native size.")
+    height: int | None = Field(default=None, ge=8, le=4096, description="Default: the model's native size.")
+    eta: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+                              description="DDIM: its eta (default 0). Euler a: 1 only (its full ancestral noise). "
+                                          "Ignored by the other samplers, as in A1111.")
+    send_images: bool = Field(default=True, description="false: no images in the answer, info only.")
+    disable_extra_networks: bool = Field(default=False, description="true: `<lora:...>` tags are removed, unused.")
+    # accepted and honoured by doing nothing: this server saves nothing, and these only act with hires fix,
+    # churn or variation seeds, which are refused above
+    subseed: int = -1
+    seed_resize_from_h: int = Field(default=-1, le=0, description="Seeds are not resized here: -1 or 0 only.")
+    seed_resize_from_w: int = Field(default=-1, le=0, description="As seed_resize_from_h.")
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    denoising_strength: float | None = None
+    override_settings: OverrideSettings | None = Field(
+        default=None, description="{} or sd_model_checkpoint only (switching models is a restart here).")
+    override_settings_restore_afterwards: bool = True
+    refiner_switch_at: float | None = None
+    comments: dict[str, Any] | None = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_additional_modules: list[str] | None = None
+    force_task_id: str | None = None
+    alwayson_scripts: dict[str, Any] = Field(
+        default_factory=dict, description="{} or scripts switched off ({\"args\": []} or args[0] false) only.",
+        json_schema_extra={"additionalProperties": {"type": "object", "properties": {"args": {"anyOf": [
+            {"type": "array", "maxItems": 0}, {"type": "array", "minItems": 1, "prefixItems": [{"const": False}]}]}}}})
+    enable_hr: bool | None = _refusable("enable_hr", False)
+    restore_faces: bool | None = _refusable("restore_faces")
+    tiling: bool | None = _refusable("tiling")
+    styles: list[str] | None = _refusable("styles")
+    subseed_strength: float | None = _refusable("subseed_strength", 0.0)
+    s_min_uncond: float | None = _refusable("s_min_uncond", 0.0)
+    s_churn: float | None = _refusable("s_churn", 0.0)
+    s_noise: float | None = _refusable("s_noise", 1.0)
+    refiner_checkpoint: str | None = _refusable("refiner_checkpoint")
+    firstpass_image: str | None = _refusable("firstpass_image")
+    infotext: str | None = _refusable("infotext")
+    script_name: str | None = _refusable("script_name")
+    script_args: list[Any] | None = _refusable("script_args")
+    save_images: bool | None = _refusable("save_images", False)
+    scheduler: str | None = _refusable("scheduler")
+
+    @field_validator(*REFUSED)
+    @classmethod
+    def _honourable(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed, why = REFUSED[info.field_name]
+        if not any(value is a if a is None or isinstance(a, bool) else value == a and not isinstance(value, bool)
+                   for a in allowed):
+            raise ValueError(f"{value!r} cannot be honoured: {why} (allowed: {list(allowed)})")
+        return value
+
+    @field_validator("alwayson_scripts")
+    @classmethod
+    def _scripts_off(cls, value: dict) -> dict:
+        on = [name for name, script in value.items() if _script_on(script)]
+        if on:
+            raise ValueError(f"scripts {on} cannot be honoured: no scripts here (allowed: {{}} or scripts with "
+                             f"args [] or args[0] false)")
+        return value
+
+
+def _script_on(script: Any) -> bool:
+    args = script.get("args", []) if isinstance(script, dict) else script
+    return bool(args) and not (isinstance(args, list) and args[0] is False)
+
+
+def model_title(request: Request) -> tuple[str, str]:
+    """(A1111's title "name [hash]", name) of the loaded model."""
+    name = Path(request.app.state.settings.model_path).name
+    return f"{name} [{request.app.state.engine.model.fingerprint[:10]}]", name
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str] = Field(description="Base64 PNGs.")
+    parameters: dict[str, Any] = Field(description="The request, with its defaults.")
+    info: str = Field(description="JSON text: seed, all_seeds, sampler_name, cfg_scale, infotexts, ..., and "
+                                  "distillery: each image's info (latency, memory).")
+
+
+@router.post("/txt2img", response_model=Txt2ImgResponse, responses={
+    404: {"description": "An unknown LoRA in the prompt."},
+    422: {"description": "Invalid or unhonourable fields, each named with the values allowed."},
+    429: {"description": "The queue is full."},
+    503: {"description": "Not answered in time, or the engine is not serving."},
+})
+async def txt2img(req: Txt2ImgRequest, request: Request) -> dict:
+    """batch_size images per batch, n_iter batches; answers A1111's {images, parameters, info}."""
+    eng, limits = request.app.state.engine, request.app.state.limits
+    checkpoint = req.override_settings and req.override_settings.sd_model_checkpoint
+    if checkpoint not in (None, *model_title(request)):
+        raise unprocessable("override_settings.sd_model_checkpoint", f"override_settings.sd_model_checkpoint: no "
+                            f"checkpoint {checkpoint!r} here (allowed: {list(model_title(request))})", status=404)
+    sampler = req.sampler_name or req.sampler_index
+    scheduler = next((s for name, (s, aliases) in SAMPLERS.items() if sampler in (name, *aliases)), None)
+    if scheduler == "euler_a" and req.eta not in (None, 1.0):
+        raise unprocessable("eta", f"eta: {req.eta} cannot be honoured with Euler a: its noise is not scaled here "
+                                   f"(allowed: 1 or null)")
+    check_limits(limits, req.width, req.height, req.steps)
+    prompt, tagged = lora_tags(req.prompt)
+    guidance = eng.default_guidance if req.cfg_scale is None else req.cfg_scale - 1.0
+    job = Job(prompt=prompt, seed=0, guidance=guidance, steps=req.steps, scheduler=scheduler,
+              adapters=() if req.disable_extra_networks else tagged, height=req.height, width=req.width,
+              negative_prompt=req.negative_prompt, eta=(req.eta or 0.0) if scheduler == "ddim" else 0.0)
+    jobs = jobs_of(job, req.batch_size * req.n_iter, None if req.seed == -1 else req.seed)
+    results = []
+    for i in range(req.n_iter):  # batches one after the other, as A1111 makes them
+        batch = await run_jobs(eng, jobs[i * req.batch_size:(i + 1) * req.batch_size], request)
+        if batch is None:  # the client went away: its work was cancelled
+            return Response(status_code=499)
+        results += batch
+    images = await encoded_b64(results) if req.send_images else []
+    return {"images": images, "parameters": req.model_dump(), "info": json.dumps(_info(req, results, request))}
+
+
+def _info(req: Txt2ImgRequest, results: list, request: Request) -> dict:
+    """A1111's info (a JSON string in the answer), with each image's distillery info."""
+    first = results[0].job
+    seeds = [r.job.seed for r in results]
+    sampler = next(name for name, (s, _) in SAMPLERS.items() if s == first.scheduler)
+    title, name = model_title(request)
+    infotexts = [f"{first.prompt}\nNegative prompt: {first.negative_prompt}\nSteps: {r.job.steps}, Sampler: {sampler}, "
+                 f"CFG scale: {r.job.guidance + 1.0}, Seed: {r.job.seed}, Size: {r.image.width}x{r.image.height}, "
+                 f"Model hash: {title.split('[')[1][:-1]}, Model: {name}" for r in results]
+    return {"prompt": req.prompt, "all_prompts": [req.prompt] * len(results), "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * len(results), "seed": seeds[0], "all_seeds": seeds,
+            "subseed": -1, "all_subseeds": [-1] * len(results), "subseed_strength": 0, "width": results[0].image.width,
+            "height": results[0].image.height, "sampler_name": sampler, "cfg_scale": first.guidance + 1.0,
+            "steps": first.steps, "batch_size": req.batch_size, "restore_faces": False, "sd_model_name": name,
+            "sd_model_hash": title.split("[")[1][:-1], "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "clip_skip": 1, "index_of_first_image": 0, "infotexts": infotexts,
+            "extra_generation_params": {"Lora": ", ".join(f"{n}: {w}" for n, w in first.adapters)} if first.adapters
+            else {}, "distillery": [info_of(r) for r in results]}
+
+
+@router.get("/samplers")
+async def samplers() -> list[dict]:
+    return [{"name": name, "aliases": aliases, "options": {"scheduler": s}} for name, (s, aliases) in SAMPLERS.items()]
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request) -> list[dict]:
+    """The one loaded model (switching checkpoints is a restart with DISTILLERY_MODEL_PATH)."""
+    title, name = model_title(request)
+    fingerprint = request.app.state.engine.model.fingerprint
+    return [{"title": title, "model_name": name, "hash": fingerprint[:10], "sha256": fingerprint,
+             "filename": request.app.state.settings.model_path, "config": None}]
+
+
+@router.get("/loras")
+async def loras(request: Request) -> list[dict]:
+    """Every adapter, by the name `<lora:name:weight>` takes."""
+    reg = request.app.state.engine.registry
+    return [{"name": name, "alias": name, "path": str(path),
+             "metadata": {"kind": a.meta.kind, "rank": a.meta.rank} if (a := reg.resident.get(name)) else {}}
+            for name, path in sorted(reg.known.items())]
