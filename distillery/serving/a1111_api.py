@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from distillery.serving.errors import unprocessable
 from distillery.serving.jobs import Job
 from distillery.serving.prompt_tags import lora_tags
-from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
+from distillery.serving.openapi import RETRY_AFTER
+from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, FieldError
 from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
 
 # A1111 sampler name -> (distillery scheduler, A1111's aliases)
@@ -169,6 +170,22 @@ def model_title(request: Request) -> tuple[str, str]:
     return f"{name} [{request.app.state.engine.model.fingerprint[:10]}]", name
 
 
+class A1111Error(BaseModel):
+    """Every error of the /sdapi routes, as A1111's API answers them."""
+
+    error: str = Field(description="What kind: RequestValidationError, NotFound, TooManyRequests, ...")
+    detail: str | list[FieldError] = Field(description="The message, or each invalid field with what is allowed.")
+    body: str
+    errors: str = Field(description="The message(s) as one text.")
+
+
+ERRORS = {status: {"model": A1111Error, "description": what, **({"headers": RETRY_AFTER} if status >= 429 else {})}
+          for status, what in [
+              (400, "A body that is not JSON text."), (404, "An unknown LoRA in the prompt, or checkpoint."),
+              (422, "Invalid or unhonourable fields, each named with the values allowed."),
+              (429, "The queue is full."), (503, "Not answered in time, or the engine is not serving.")]}
+
+
 class Txt2ImgResponse(BaseModel):
     images: list[str] = Field(description="Base64 PNGs.")
     parameters: dict[str, Any] = Field(description="The request, with its defaults.")
@@ -176,12 +193,7 @@ class Txt2ImgResponse(BaseModel):
                                   "distillery: each image's info (latency, memory).")
 
 
-@router.post("/txt2img", response_model=Txt2ImgResponse, responses={
-    404: {"description": "An unknown LoRA in the prompt."},
-    422: {"description": "Invalid or unhonourable fields, each named with the values allowed."},
-    429: {"description": "The queue is full."},
-    503: {"description": "Not answered in time, or the engine is not serving."},
-})
+@router.post("/txt2img", response_model=Txt2ImgResponse, responses=ERRORS)
 async def txt2img(req: Txt2ImgRequest, request: Request) -> dict:
     """batch_size images per batch, n_iter batches; answers A1111's {images, parameters, info}."""
     eng, limits = request.app.state.engine, request.app.state.limits

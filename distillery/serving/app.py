@@ -186,12 +186,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         400: {"model": Problem, "description": "Not a usable adapter: outside the root, not safetensors, made for "
                                                "another base, or corrupt; nothing loaded."},
         **ADMIN,
-        404: {"model": Problem, "description": "No folder at that path under the adapters root."},
+        404: {"model": Problem, "description": "No adapter folder or LoRA file at that path under the adapters root."},
         409: {"model": Problem, "description": "An adapter of that name is registered already."},
         **INVALID,
     })
     async def load_adapter(req: LoadAdapterRequest, eng: Engine = Depends(engine)) -> dict:
-        """Load an adapter folder (safetensors only) from under the adapters root."""
+        """Load an adapter folder, or a LoRA .safetensors file (kohya / A1111 / diffusers: a style adapter), from
+        under the adapters root."""
         if req.name in eng.registry.known:
             raise HTTPException(status_code=409, detail=f"an adapter named {req.name!r} is registered already; "
                                                         f"DELETE /adapters/{req.name} first")
@@ -202,13 +203,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not folder.is_relative_to(root):  # the pattern keeps ".." out; a symlink can still lead outside
                 raise HTTPException(status_code=400, detail=f"path {req.path!r} is outside the adapters root")
             try:
-                found = folder.is_dir()
+                found = folder.is_dir() or (folder.suffix == ".safetensors" and folder.is_file())
             except OSError as exc:
                 if exc.errno != errno.ENAMETOOLONG:
                     raise
                 found = False  # a name longer than the file system allows names no folder
             if not found:
-                raise HTTPException(status_code=404, detail=f"no folder {req.path!r} under the adapters root")
+                raise HTTPException(status_code=404, detail=f"no adapter folder or .safetensors LoRA file {req.path!r} "
+                                                            f"under the adapters root")
             return folder
 
         try:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distillery.serving.errors import unprocessable
 from distillery.serving.jobs import Job
-from distillery.serving.openapi import Limits
+from distillery.serving.openapi import RETRY_AFTER, Limits
 from distillery.serving.prompt_tags import lora_tags
 from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
 from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
@@ -69,6 +69,26 @@ class ImagesRequest(BaseModel):
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error.")
+    param: str | None = Field(description="The offending field, where one is.")
+    code: str | None = Field(description="model_not_found for an unknown model.")
+
+
+class OpenAIError(BaseModel):
+    """Every error of the /v1 routes, as OpenAI answers them."""
+
+    error: OpenAIErrorDetail
+
+
+ERRORS = {status: {"model": OpenAIError, "description": what, **({"headers": RETRY_AFTER} if status >= 429 else {})}
+          for status, what in [
+              (400, "Invalid fields (error.param names the field), or a body that is not JSON text."),
+              (404, "An unknown model (error.code model_not_found) or adapter."),
+              (429, "The queue is full."), (503, "Not answered in time, or the engine is not serving.")]}
+
+
 class ImageData(BaseModel):
     b64_json: str
     url: None = None
@@ -110,12 +130,7 @@ async def list_models(request: Request) -> dict:
     return {"data": [{"id": name, "created": CREATED, "owned_by": "distillery"} for name in presets(request)]}
 
 
-@router.post("/images/generations", response_model=ImagesResponse, responses={
-    400: {"description": "Invalid fields (OpenAI's error shape: error.param names the field)."},
-    404: {"description": "An unknown model or adapter (error.code model_not_found for a model)."},
-    429: {"description": "The queue is full."},
-    503: {"description": "Not answered in time, or the engine is not serving."},
-})
+@router.post("/images/generations", response_model=ImagesResponse, responses=ERRORS)
 async def generate_images(req: ImagesRequest, request: Request) -> dict:
     """`n` images of one preset, made together; the answer is OpenAI's ImagesResponse."""
     eng, limits, known = request.app.state.engine, request.app.state.limits, presets(request)

@@ -28,7 +28,8 @@ class LoadAdapterRequest(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, pattern=ADAPTER_NAME_PATTERN, description="Name to serve it under.")
     path: str = Field(min_length=1, max_length=1000, pattern=ADAPTER_PATH_PATTERN,
-                      description="Adapter folder, relative to the adapters root (`DISTILLERY_ADAPTERS_ROOT`).")
+                      description="Adapter folder or LoRA .safetensors file, relative to the adapters root "
+                                  "(`DISTILLERY_ADAPTERS_ROOT`).")
 
 
 class AdapterRef(BaseModel):
