@@ -68,9 +68,9 @@ def test_load_compose_and_unload_a_style_adapter(client):
     [
         ("bad", "spare", 400, "adapter.json"),  # a folder, not an adapter
         ("bad", "escape", 400, "outside the adapters root"),  # a symlink out of the root
-        ("bad", "nowhere", 404, "no folder 'nowhere'"),
-        ("bad", "spare/style0/adapter.json", 404, "no folder"),  # a file
-        ("bad", "x" * 300, 404, "no folder"),  # longer than a file name can be
+        ("bad", "nowhere", 404, "LoRA file 'nowhere'"),
+        ("bad", "spare/style0/adapter.json", 404, "no adapter folder"),  # a file
+        ("bad", "x" * 300, 404, "no adapter folder"),  # longer than a file name can be
         ("guidance-toy", "spare/style0", 409, "registered already"),
         ("bad", "../..", 422, "relative folder path"),  # what the document's pattern rules out: 422 naming path
         ("bad", "/etc", 422, "relative folder path"),
