@@ -25,10 +25,13 @@ install: $(STAMP)
 serve: install
 	$(BIN)/distillery serve --host $(HOST) --port $(PORT)
 
-# promtool and the Prometheus server (Debian's package) for the deployment tests.
+# promtool and the Prometheus server (Debian's package) for the deployment tests; Chromium and its
+# WebDriver (Debian's chromium, chromium-driver) for the playground's browser test.
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq prometheus >/dev/null)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 test: install tools
 	$(BIN)/python -m pytest -q
