@@ -42,12 +42,15 @@ def _generate(args) -> int:
     except AdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = generate(model, [req.prompt], [req.seed], guidance, steps, scheduler=scheduler, adapters=adapters,
+    from distillery.serving.jobs import random_seed
+
+    seed = random_seed() if req.seed is None else req.seed
+    out = generate(model, [req.prompt], [seed], guidance, steps, scheduler=scheduler, adapters=adapters,
                    registry=registry)
     out.images[0].save(args.output)
     ms = ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings_ms.items())
     print(f"wrote {args.output} ({out.mode}: w={guidance}, {scheduler} steps={steps}, {out.unet_evaluations} UNet evaluations, "
-          f"seed={req.seed}; {ms})")
+          f"seed={seed}; {ms})")
     return 0
 
 
@@ -123,7 +126,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--guidance", type=float, help="w (nan/inf are rejected by the schema): eps = (1+w) eps(c) - w eps(empty); default: the model's")
     g.add_argument("--steps", type=int)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help="default: a random one, printed")
     g.add_argument("--scheduler", help="default: the adapter's own, else ddim")
     g.add_argument("--model", default=str(EMBEDDED_MODEL))
     g.add_argument("--adapter", help="an adapter folder; a guidance-distilled one samples with one UNet call per step")

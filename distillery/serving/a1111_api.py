@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from distillery.serving.errors import unprocessable
 from distillery.serving.jobs import Job
-from distillery.serving.prompt_tags import lora_tags
 from distillery.serving.openapi import RETRY_AFTER
-from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, FieldError
+from distillery.serving.prompt_tags import lora_tags
+from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, FieldError, JSONRequest
 from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
 
 # A1111 sampler name -> (distillery scheduler, A1111's aliases)
@@ -57,18 +57,15 @@ def _refusable(name: str, default: Any = None):
                  json_schema_extra={"enum": list(allowed)})
 
 
-class OverrideSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class OverrideSettings(JSONRequest):
     sd_model_checkpoint: str | None = Field(default=None, max_length=1000,
                                             description="The loaded model's title or name (GET /sdapi/v1/sd-models).")
 
 
-class Txt2ImgRequest(BaseModel):
+class Txt2ImgRequest(JSONRequest):
     """A1111's StableDiffusionTxt2ImgProcessingAPI (modules/api/models.py), every field."""
 
-    # strict: "25" is not a number of steps; forbid: a misspelt field is an error, not ignored
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"allOf": [  # Euler a: eta 1 only
+    model_config = ConfigDict(json_schema_extra={"allOf": [  # Euler a: eta 1 only
         {"if": {"properties": {"sampler_name": {"enum": EULER_A}}, "required": ["sampler_name"]}, "then": ETA_ONE},
         {"if": {"properties": {"sampler_name": {"type": "null"}, "sampler_index": {"enum": EULER_A}},
                 "required": ["sampler_index"]}, "then": ETA_ONE}]})
@@ -160,8 +157,9 @@ class Txt2ImgRequest(BaseModel):
 
 
 def _script_on(script: Any) -> bool:
-    args = script.get("args", []) if isinstance(script, dict) else script
-    return bool(args) and not (isinstance(args, list) and args[0] is False)
+    """A script's entry turns it on unless its args are [] or start with false (how webuiapi sends one off)."""
+    args = script.get("args", []) if isinstance(script, dict) else True
+    return not (isinstance(args, list) and (not args or args[0] is False))
 
 
 def model_title(request: Request) -> tuple[str, str]:

@@ -39,7 +39,15 @@ from distillery.serving.schemas import (
     Readiness,
     Unloaded,
 )
-from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs, stream_events
+from distillery.serving.submit import (
+    DISCONNECT_POLL_S,
+    check_limits,
+    encoded_b64,
+    info_of,
+    jobs_of,
+    run_jobs,
+    stream_events,
+)
 
 log = logging.getLogger("distillery.app")
 
@@ -59,6 +67,11 @@ def _describe(adapter) -> dict:
            "recommended_scheduler": meta.recommended_scheduler, "schedulers": meta.schedulers or None,
            "steps": meta.steps or None}
     return {**out, "w_range": [meta.w_min, meta.w_max]} if adapter.single_eval else out
+
+
+SSE_EVENT = {"type": "object", "required": ["event", "data"], "properties": {
+    "event": {"type": "string", "enum": ["progress", "result", "error"]},
+    "data": {"type": "string", "description": "JSON text: {index, step, steps}; the json answer; {status, detail}."}}}
 
 
 async def generated_json(results: list[Result]) -> dict:
@@ -155,7 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(png, media_type="image/png", headers=headers)
 
     @app.post("/generate/stream", response_class=StreamingResponse, responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
               "description": "Server-sent events: `progress` {index, step, steps} after each step of image `index`, "
                              "then `result` (POST /generate's json answer), or `error` {status, detail} if it fails "
                              "after the stream began."},
@@ -168,7 +181,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         run = asyncio.create_task(run_jobs(eng, jobs, on_step=lambda i, k, n: events.put_nowait(
             ("progress", {"index": i, "step": k, "steps": n}))))
         run.add_done_callback(lambda _: events.put_nowait(None))
-        first = await events.get()  # refusals before any step (unknown adapter, full queue) answer as errors
+        first = asyncio.ensure_future(events.get())  # refusals before any step (unknown adapter, full queue) ...
+        while not first.done():  # ... answer as errors; a client gone while queued cancels its work
+            await asyncio.wait({first}, timeout=DISCONNECT_POLL_S)
+            if not first.done() and await request.is_disconnected():
+                first.cancel(), run.cancel()
+                return Response(status_code=499)
+        first = first.result()
         if first is None:
             await run  # raises the refusal, answered by the error handlers; or ended without progress
         return StreamingResponse(stream_events(first, events, run, generated_json), media_type="text/event-stream",

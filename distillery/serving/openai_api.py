@@ -11,13 +11,13 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from distillery.serving.errors import unprocessable
 from distillery.serving.jobs import Job
 from distillery.serving.openapi import RETRY_AFTER, Limits
 from distillery.serving.prompt_tags import lora_tags
-from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
+from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, JSONRequest
 from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
 
 BASE_MODEL = "base"  # the model alone: CFG at the server's default w and steps
@@ -27,11 +27,9 @@ CREATED = int(time.time())  # the models' creation time: the server's start
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
 
-class ImagesRequest(BaseModel):
+class ImagesRequest(JSONRequest):
     """openai-python's ImageGenerateParams; `seed`, `steps`, `guidance`, `negative_prompt` are distillery's
     extensions (the client's `extra_body`)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(max_length=1000, description="Text prompt; `<lora:name:weight>` tags add adapters.")
     model: str | None = Field(default=None, max_length=200, description=f"A preset (GET /v1/models). Default: "
@@ -52,9 +50,10 @@ class ImagesRequest(BaseModel):
                                                                                     "'transparent' is refused).")
     moderation: Literal["auto", "low"] | None = Field(default=None, description="Accepted; no moderation runs here.")
     style: None = Field(default=None, description="Refused when set: no vivid/natural presets here.")
-    stream: Literal[False] | None = Field(default=None, description="false only (the native POST /generate/stream "
-                                                                    "streams progress).")
-    partial_images: Literal[0] | None = Field(default=None, description="0 only.")
+    stream: bool | None = Field(default=None, json_schema_extra={"enum": [False, None]},
+                                description="false only: refused when true (the native POST /generate/stream "
+                                            "streams progress).")
+    partial_images: int | None = Field(default=None, ge=0, le=0, description="0 only: no partial images here.")
     user: str | None = Field(default=None, max_length=200, description="Accepted, for the client's bookkeeping.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="distillery: the first image's seed. "
                                                                           "Default: random, reported.")
@@ -63,10 +62,13 @@ class ImagesRequest(BaseModel):
                                    description="distillery: guidance weight w (guidance_scale - 1).")
     negative_prompt: str | None = Field(default=None, max_length=1000, description="distillery: cfg mode only.")
 
-    @field_validator("n", "seed", "steps", "output_compression", mode="before")
+    @field_validator("stream")
     @classmethod
-    def _integral(cls, value):
-        return int(value) if isinstance(value, float) and value.is_integer() else value
+    def _not_streamed(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("true cannot be honoured: images come whole (allowed: false; POST /generate/stream "
+                             "streams progress)")
+        return value
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -87,7 +89,6 @@ ERRORS = {status: {"model": OpenAIError, "description": what, **({"headers": RET
               (400, "Invalid fields (error.param names the field), or a body that is not JSON text."),
               (404, "An unknown model (error.code model_not_found) or adapter."),
               (429, "The queue is full."), (503, "Not answered in time, or the engine is not serving.")]}
-
 
 class ImageData(BaseModel):
     b64_json: str

@@ -66,9 +66,9 @@ def install_openapi(app: FastAPI) -> None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _drop_impossible_422(doc)
             # FastAPI's document model turns bounds into floats, and 2**63 - 1 is not one: the exact integer
-            for name in ("ImageRequest", "GenerateRequest"):
-                seed = doc["components"]["schemas"][name]["properties"]["seed"]
-                next(b for b in seed.get("anyOf", [seed]) if b.get("type") == "integer")["maximum"] = MAX_SEED
+            for schema in doc["components"]["schemas"].values():
+                if "seed" in schema.get("properties", {}):
+                    _branch(schema["properties"]["seed"], "integer")["maximum"] = MAX_SEED
             limits = getattr(app.state, "limits", None)
             if limits is None:  # before the model loads: the static bounds only, and not cached
                 return doc
@@ -97,8 +97,9 @@ def _drop_impossible_422(doc: dict) -> None:
 def _state_limits(doc: dict, limits: Limits) -> None:
     """The loaded model's bounds on steps and sizes in the request schemas, so that schema-valid data is accepted."""
     schemas = doc["components"]["schemas"]
-    for name in ("ImageRequest", "GenerateRequest"):
-        _state_size_and_steps(schemas[name]["properties"], limits)
+    for name in ("ImageRequest", "GenerateRequest", "Txt2ImgRequest"):
+        if name in schemas:
+            _state_size_and_steps(schemas[name]["properties"], limits)
     if "ImagesRequest" in schemas:  # OpenAI's size: exactly the 'WxH' this model takes
         props = schemas["ImagesRequest"]["properties"]
         sides = "|".join(str(v) for v in range(limits.size_step, limits.max_size + 1, limits.size_step))
@@ -111,12 +112,8 @@ def _branch(prop: dict, kind: str) -> dict:
     return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == kind)
 
 
-def _state_size_and_steps(props: dict, limits: Limits, names=("width", "height", "steps")) -> None:
-
-    def integer_branch(prop: dict) -> dict:
-        return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == "integer")
-
-    integer_branch(props[names[2]])["maximum"] = limits.max_steps
-    for field in names[:2]:
-        branch = integer_branch(props[field])
+def _state_size_and_steps(props: dict, limits: Limits) -> None:
+    _branch(props["steps"], "integer")["maximum"] = limits.max_steps
+    for field in ("width", "height"):
+        branch = _branch(props[field], "integer")
         branch.update(minimum=limits.size_step, maximum=limits.max_size, multipleOf=limits.size_step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STEPS = 1000
 MAX_GUIDANCE = 30.0
@@ -21,6 +21,22 @@ PATTERN_HELP = {
                           "starting with '.', no control characters",
     ADAPTER_NAME_PATTERN: "letters, digits, '.', '_' and '-', starting with a letter or digit",
 }
+
+
+class JSONRequest(BaseModel):
+    """A request body read strictly ("25" is no number of steps, a misspelt field is an error, not ignored), whose
+    integer fields take 4.0: JSON cannot tell it from 4 (JSON Schema's integer includes it); true and 2.5 stay
+    refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: int(v) if isinstance(v, float) and v.is_integer() and k in cls.model_fields
+                and int in _types(cls.model_fields[k].annotation) else v for k, v in data.items()}
 
 
 class LoadAdapterRequest(BaseModel):
@@ -39,11 +55,8 @@ class AdapterRef(BaseModel):
     weight: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="LoRA scale.")
 
 
-class ImageRequest(BaseModel):
+class ImageRequest(JSONRequest):
     """What POST /generate/stream takes (progress events, then the json answer); POST /generate adds the format."""
-
-    # strict: "25" is not a number of steps; forbid: a misspelt field is an error, not ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(max_length=1000, description="Text prompt (valid Unicode: no lone surrogates); empty gives an "
                                                      "unconditional image.")
@@ -79,14 +92,13 @@ class ImageRequest(BaseModel):
                     "otherwise classifier-free guidance makes two (cfg mode).",
     )
 
-    @field_validator("steps", "seed", "n", "width", "height", mode="before")
-    @classmethod
-    def _integral(cls, value: Any) -> Any:
-        """An integer as JSON Schema has it: 4.0 is one (JSON cannot tell them apart); "4", true and 2.5 are not."""
-        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class GenerateRequest(ImageRequest):
+    model_config = ConfigDict(json_schema_extra={  # a PNG body holds one image
+        "if": {"properties": {"response_format": {"const": "json"}}, "required": ["response_format"]},
+        "else": {"properties": {"n": {"maximum": 1}}}})
+
     response_format: Literal["png", "json"] = Field(
         default="png", description="png: raw bytes, info in X-* headers (n = 1 only); json: base64 PNGs and info.")
 

@@ -20,26 +20,23 @@ from distillery.serving.schemas import MAX_SEED
 DISCONNECT_POLL_S = 0.05
 
 
-def check_limits(limits: Limits, width: int | None, height: int | None, steps: int | None,
-                 names: tuple[str, str, str] = ("width", "height", "steps")) -> None:
-    """What the loaded model allows (`names`: the fields as this API calls them)."""
+def check_limits(limits: Limits, width: int | None, height: int | None, steps: int | None) -> None:
+    """What the loaded model allows (the OpenAPI document states it: distillery/serving/openapi.py)."""
     step, most = limits.size_step, limits.max_size
-    for field, value in zip(names, (width, height)):
+    for field, value in (("width", width), ("height", height)):
         if value is not None and (value % step or not step <= value <= most):
             raise unprocessable(field, f"{field}: {value} is not allowed (allowed: a multiple of {step} in [{step}, "
                                        f"{most}])")
     if steps is not None and steps > limits.max_steps:
-        raise unprocessable(names[2], f"{names[2]}: {steps} is more than this server allows (allowed: integer in "
-                                      f"[1, {limits.max_steps}])")
+        raise unprocessable("steps", f"steps: {steps} is more than this server allows (allowed: integer in "
+                                     f"[1, {limits.max_steps}])")
 
 
-def jobs_of(job: Job, n: int, seed: int | None, seed_field: str = "seed") -> list[Job]:
-    """n images of one request: seeds seed, seed + 1, ... (a random seed if none is given)."""
+def jobs_of(job: Job, n: int, seed: int | None) -> list[Job]:
+    """n images of one request: seeds seed, seed + 1, ... (a random seed if none is given; past the largest seed
+    they wrap to 0, so every valid seed takes every n)."""
     seed = random_seed() if seed is None else seed
-    if seed + n - 1 > MAX_SEED:
-        raise unprocessable(seed_field, f"{seed_field}: {seed} + {n - 1} images is past the largest seed (allowed: "
-                                        f"integer in [0, {MAX_SEED - n + 1}] for {n} images)")
-    return [replace(job, seed=seed + i) for i in range(n)]
+    return [replace(job, seed=(seed + i) % (MAX_SEED + 1)) for i in range(n)]
 
 
 async def run_jobs(eng: Engine, jobs: list[Job], request: Request | None = None, on_step=None) -> list[Result] | None:
