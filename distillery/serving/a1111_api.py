@@ -246,6 +246,12 @@ async def samplers() -> list[dict]:
     return [{"name": name, "aliases": aliases, "options": {"scheduler": s}} for name, (s, aliases) in SAMPLERS.items()]
 
 
+@router.get("/schedulers")
+async def schedulers() -> list[dict]:
+    """Only the samplers' own noise schedules (txt2img's `scheduler`: automatic)."""
+    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+
+
 @router.get("/sd-models")
 async def sd_models(request: Request) -> list[dict]:
     """The one loaded model (switching checkpoints is a restart with DISTILLERY_MODEL_PATH)."""

@@ -247,6 +247,7 @@ STATUSES = {
     ("/v1/models", "get"): {"200"},
     ("/sdapi/v1/txt2img", "post"): {"200", "400", "404", "422", "429", "503"},
     ("/sdapi/v1/samplers", "get"): {"200"},
+    ("/sdapi/v1/schedulers", "get"): {"200"},
     ("/sdapi/v1/sd-models", "get"): {"200"},
     ("/sdapi/v1/loras", "get"): {"200"},
 }

@@ -58,8 +58,10 @@ def test_openai_client_lists_the_presets_and_generates_n_images(url, oracle):
     assert _verdicts(oracle, [_png(fast.data[0].b64_json)]) == [("blue", "square")]
     info = fast.model_extra["info"][0]
     assert (info["scheduler"], info["steps"], info["mode"]) == ("lcm", 4, "single-eval")
-    wide = client.images.generate(prompt="a green triangle", model="fast-stripes", size="48x32")
-    assert _png(wide.data[0].b64_json).size == (48, 32)
+    wide = client.images.generate(prompt="a green triangle", model="fast-stripes", size="48x32",
+                                  output_format="jpeg", output_compression=90)
+    jpeg = base64.b64decode(wide.data[0].b64_json)
+    assert jpeg[:2] == b"\xff\xd8" and Image.open(io.BytesIO(jpeg)).size == (48, 32)
     assert wide.model_extra["info"][0]["adapters"] == [["lcm-toy", 1.0], ["stripes-toy", 0.8]]
 
 
@@ -91,6 +93,7 @@ def test_webuiapi_client_txt2img_with_its_defaults_and_a_lora_tag(url, oracle):
     api = _webui(url)
     assert {"Euler a", "DDIM", "DPM++ 2M", "LCM"} <= {s["name"] for s in api.get_samplers()}
     assert [m["model_name"] for m in api.get_sd_models()] == ["toy"]
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic"]
     assert {"lcm-toy", "stripes-toy"} <= {lora["name"] for lora in api.get_loras()}
     # every field webuiapi sends (enable_hr, styles, eta, alwayson_scripts, ...) at its defaults: accepted
     result = api.txt2img(prompt="a red circle", width=32, height=32, steps=25, cfg_scale=2.0, seed=11,
