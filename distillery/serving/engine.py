@@ -133,8 +133,8 @@ class Engine:
             generate(self.model, ["warm-up"], [0], adapter.meta.w_min, steps=1, adapters=((adapter, 1.0),), **kw)
 
     async def submit(self, job: Job, on_step=None) -> Result:
-        """The job's image; `on_step(done, steps)` after each of its steps. Raises QueueFull, RequestTimeout, EngineUnavailable, UnknownAdapter, AdapterError
-        or InvalidJob; a failure inside the request's own steps is re-raised as it happened."""
+        """The job's image (`on_step(done, steps)` after each step). Raises QueueFull, RequestTimeout,
+        EngineUnavailable, UnknownAdapter, AdapterError or InvalidJob; its own steps' failure is re-raised as it was."""
         if not self.ready:
             why = f"its worker died: {self.dead!r}" if self.dead else "not ready"
             raise EngineUnavailable(f"the engine is not serving ({why}); retry later")

@@ -23,7 +23,8 @@ A1111_FIELDS = {"guidance": "cfg_scale", "scheduler": "sampler_name"}  # cfg_sca
 
 
 def unprocessable(field: str, message: str, status: int = 422, code: str | None = None) -> HTTPException:
-    return HTTPException(status_code=status, detail=[{"field": field, "message": message, **({"code": code} if code else {})}])
+    error = {"field": field, "message": message, **({"code": code} if code else {})}
+    return HTTPException(status_code=status, detail=[error])
 
 
 def answer(request: Request, status: int, detail: str | list[dict], headers: dict | None = None) -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from distillery.adapters import AdapterSet, guidance_adapter
 from distillery.sampling.pipeline import Denoising
 from distillery.serving.memory import MemoryTracker
+
+log = logging.getLogger("distillery.jobs")
 
 
 class QueueFull(Exception):
@@ -107,8 +110,12 @@ class InFlight:
     on_step: Callable[[int, int], None] | None = None  # (steps done, steps): live progress, on the event loop
 
     def report_step(self) -> None:
+        """Tell the caller's `on_step` (on the event loop); a callback that raises never stops the engine."""
         if self.on_step is not None:
-            self.on_step(self.denoising.sampler.step_index, len(self.denoising.sampler.timesteps))
+            try:
+                self.on_step(self.denoising.sampler.step_index, len(self.denoising.sampler.timesteps))
+            except Exception:
+                log.exception("a progress listener failed")
 
     @property
     def rows(self) -> int:
