@@ -10,7 +10,7 @@ QUICK ?=
 # Exact versions for a fresh machine (make install, CI, the Dockerfile); `make lock` regenerates it.
 LOCK := constraints.txt
 
-.PHONY: install tools serve test bench lock train-oracle train-toy clean
+.PHONY: install tools serve test bench gpu-wheels bench-gpu lock train-oracle train-toy clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,30 @@ test: install tools
 
 bench: install
 	$(BIN)/python -m bench $(BENCH) $(if $(QUICK),--quick,)
+
+# The GPU suite (docs/gpu_benchmarks.md). `make gpu-wheels` HERE (PyPI reachable): the wheels that the GPU
+# machine's image lacks, for its Python 3.12 on x86-64, at the lock's versions, into $(GPU_WHEELS) (git-ignored).
+# `make bench-gpu` THERE (no network; the device tool's run with carry [".gpu-wheels"]): installs them into
+# $(GPU_SITE), beside the image's own torch, triton, peft, transformers, accelerate..., and runs `python -m bench gpu`.
+GPU_WHEELS := .gpu-wheels
+GPU_SITE ?= /tmp/distillery-gpu-site
+GPU_WHEEL_PKGS := diffusers fastapi starlette uvicorn pydantic pydantic_core pydantic-settings annotated-types \
+	typing-inspection python-dotenv opentelemetry-api importlib_metadata lazy-importer typing_extensions
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	pins=$$(for p in $(GPU_WHEEL_PKGS); do grep -ix "$$p==[^ ]*" $(LOCK) || echo "MISSING:$$p"; done); \
+	case "$$pins" in *MISSING:*) echo "not pinned in $(LOCK): $$pins" >&2; exit 1;; esac; \
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) $$pins
+	@ls $(GPU_WHEELS) && du -sh $(GPU_WHEELS)
+
+bench-gpu:
+	@ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1 || { echo "no $(GPU_WHEELS)/: run 'make gpu-wheels' where PyPI is reachable and carry it" >&2; exit 1; }
+	$(PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) HF_HUB_OFFLINE=1 $(PY) -c "import diffusers, distillery.serving.app, bench.gpu_common"
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) HF_HUB_OFFLINE=1 $(PY) -m bench $(or $(BENCH),gpu) $(if $(QUICK),--quick,)
 
 # Reproduce the committed artefacts (see README: "Reproducing the toy model").
 train-oracle: install
