@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
             if settings.threads:
                 torch.set_num_threads(settings.threads)
-            model = DiffusionModel.from_pretrained(settings.model_path, settings.device, getattr(torch, settings.dtype))
+            model = DiffusionModel.from_pretrained(settings.model_path, settings.device, settings.torch_dtype)
             engine = Engine(model, settings.queue_size, settings.request_timeout_s, settings.max_batch_rows,
                             settings.adapter_budget_bytes, settings.merged_cache_bytes,
                             deterministic=settings.deterministic,

@@ -38,6 +38,7 @@ from distillery.serving.jobs import (
     on_torch_thread,
     rows_per_step,
 )
+from distillery.serving.memory import step_peak
 from distillery.serving.metrics import Metrics
 
 log = logging.getLogger("distillery.engine")
@@ -210,13 +211,7 @@ class Engine:
                     failed += self._unet_step([a])
                 except Exception as exc:  # noqa: BLE001
                     failed.append((a, exc))
-        finished = []
-        for a in active:
-            if any(a is f for f, _ in failed):
-                continue
-            a.memory.sample()
-            if a.denoising.sampler.done:
-                finished.append(a)
+        finished = [a for a in active if a.denoising.sampler.done and not any(a is f for f, _ in failed)]
         try:
             images = finish_denoising(self.model, [a.denoising for a in finished], together=not self.deterministic)
         except Exception:  # noqa: BLE001 - decode one by one: only a request that fails alone fails
@@ -229,6 +224,9 @@ class Engine:
                     failed.append((a, exc))
         for a, image in zip(finished, images):
             a.image = image
+        peak = step_peak()  # this step's and its decode's: every request in the batch had its share in it
+        for a in active:
+            a.memory.sample(peak)
         return [a for a in finished if a.image is not None], failed
 
     def _unet_step(self, items: list[InFlight]) -> list[tuple[InFlight, Exception]]:
