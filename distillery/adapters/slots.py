@@ -1,0 +1,155 @@
+"""Compile-friendly serving layers: every adapter in a fixed slot of preallocated buffers.
+
+torch.compile specialises a graph on the Python objects a forward reads. The eager serving layers
+(distillery/adapters/layers.py) read a per-call AdapterBatch (a new object, slot count and rank per row
+pattern), so compiled they would recompile for every adapter set. Here nothing a forward reads changes
+shape or identity between calls (vLLM's stacked LoRA buffers; diffusers' hotswap with rank padding):
+  - each wrapped layer holds A (S R, ...) and B (N, S R) for S slots of rank R (an adapter of lower rank is
+    zero-padded), and `load` copies an adapter into its slot in place;
+  - a call's adapter sets and weights arrive as ONE tensor, `row_coef` (rows, S R): each row's weight x scale
+    on the columns of its adapters' slots, 0 elsewhere; its w projection as `proj_coef` (rows, S);
+  - rows are padded to a few batch-size buckets (zero rows, zero coefficients), one graph per bucket and
+    latent size, compiled at warm-up.
+After warm-up, adapter swaps, adapter sets, weights, w and batch sizes within the buckets cause no
+recompilation (bench/compile.py counts them). Cost: every wrapped layer computes the S R LoRA columns for
+every row (the all-slots form of kernels.lora); only layers some adapter targets are wrapped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillery.adapters.files import AdapterError
+from distillery.adapters.loaded import AdapterSet, LoadedAdapter
+
+BUCKETS = (1, 2, 4, 8, 16)  # rows per UNet call: a call is padded to the next one
+
+
+def bucket_of(rows: int) -> int:
+    for size in BUCKETS:
+        if rows <= size:
+            return size
+    raise ValueError(f"{rows} rows: more than the largest bucket ({BUCKETS[-1]})")
+
+
+class SlotContext:
+    """The running call's coefficients: set inside the compiled function, so they are graph inputs."""
+
+    row_coef: torch.Tensor | None = None  # (rows, S R)
+    proj_coef: torch.Tensor | None = None  # (rows, S)
+
+
+class SlotLayer(nn.Module):
+    """A Linear or zero-padded Conv2d (W0 shared, never copied) plus S slots of rank-R LoRA."""
+
+    def __init__(self, base: nn.Module, slots: int, rank: int, context: SlotContext):
+        super().__init__()
+        self.base, self.context, self.rank = base, context, rank
+        weight = base.weight  # (N, K) or (N, C, kh, kw)
+        self.register_buffer("lora_a", weight.new_zeros(slots * rank, *weight.shape[1:]))  # (S R, K | C, kh, kw)
+        self.register_buffer("lora_b", weight.new_zeros(weight.shape[0], slots * rank))  # (N, S R)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coef = self.context.row_coef  # (rows, S R)
+        if isinstance(self.base, nn.Linear):
+            t = F.linear(x, self.lora_a)  # (rows, [tokens,] S R)
+            t = t * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])
+            return self.base(x) + F.linear(t, self.lora_b)
+        conv = self.base
+        t = F.conv2d(x, self.lora_a, None, conv.stride, conv.padding, conv.dilation)  # (rows, S R, H', W')
+        return conv(x) + F.conv2d(t * coef[:, :, None, None], self.lora_b[:, :, None, None])
+
+    @torch.no_grad()
+    def load(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """A (r, ...) and B (N, r) into `slot`, zero-padded to the slot's rank; in place."""
+        r, cols = a.shape[0], slice(slot * self.rank, (slot + 1) * self.rank)
+        self.lora_a[cols].zero_()[:r].copy_(a.view(r, *self.lora_a.shape[1:]))
+        self.lora_b[:, cols].zero_()[:, :r].copy_(b)
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        cols = slice(slot * self.rank, (slot + 1) * self.rank)
+        self.lora_a[cols].zero_()
+        self.lora_b[:, cols].zero_()
+
+
+class SlotProjection(nn.Module):
+    """time_embedding.cond_proj per row: the w projection of the row's distilled adapter's slot, else zero."""
+
+    def __init__(self, out_features: int, in_features: int, slots: int, context: SlotContext, like: torch.Tensor):
+        super().__init__()
+        self.context = context
+        self.register_buffer("weight", like.new_zeros(slots, out_features, in_features))  # (S, C, E)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:  # emb (rows, E) -> (rows, C)
+        return torch.einsum("re,sce,rs->rc", emb, self.weight, self.context.proj_coef)
+
+
+class SlotAdapters:
+    """Slot layers installed into a UNet (an explicit step, like AdapterRegistry's) for the layers `targets`,
+    S `slots` of rank `rank`, w projections from `embedding_dim` features (sampling.guidance.EMBEDDING_DIM);
+    adapters loaded into slots; `coefficients` turns a call's row sets into tensors."""
+
+    def __init__(self, unet, targets: set[str], embedding_dim: int, slots: int = 4, rank: int = 16):
+        self.unet, self.slots, self.rank, self.context = unet, slots, rank, SlotContext()
+        self.loaded: dict[str, tuple[int, LoadedAdapter]] = {}  # name -> (slot, adapter)
+        emb = unet.time_embedding
+        unet.time_embedding.cond_proj = SlotProjection(emb.linear_1.in_features, embedding_dim, slots, self.context,
+                                                       emb.linear_1.weight)
+        self.layers: dict[str, SlotLayer] = {}
+        for name in sorted(targets):
+            base = unet.get_submodule(name)
+            if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(base, nn.Conv2d) and (
+                    base.groups != 1 or base.padding_mode != "zeros"):
+                raise AdapterError(f"layer {name!r} is {type(base).__name__}: slot LoRA takes Linear and zero-padded "
+                                   f"ungrouped Conv2d layers")
+            self.layers[name] = SlotLayer(base, slots, rank, self.context)
+            unet.set_submodule(name, self.layers[name])
+
+    def load(self, adapter: LoadedAdapter) -> int:
+        """Copy `adapter` into a free slot (in place: no recompilation); returns the slot."""
+        used = {slot for slot, _ in self.loaded.values()}
+        free = next((s for s in range(self.slots) if s not in used), None)
+        if free is None:
+            raise AdapterError(f"all {self.slots} slots are taken ({sorted(self.loaded)}); unload one first")
+        if not set(adapter.layers) <= set(self.layers):
+            raise AdapterError(f"adapter {adapter.name!r} targets layers without slots: "
+                               f"{sorted(set(adapter.layers) - set(self.layers))[:3]}")
+        if any(a.shape[0] > self.rank for a, _ in adapter.layers.values()):
+            raise AdapterError(f"adapter {adapter.name!r} has rank above the slots' {self.rank}")
+        for name, (a, b) in adapter.layers.items():
+            self.layers[name].load(free, a, b)
+        with torch.no_grad():
+            proj = self.unet.time_embedding.cond_proj.weight
+            proj[free].zero_()
+            if adapter.projection is not None:
+                proj[free].copy_(adapter.projection)
+        self.loaded[adapter.name] = (free, adapter)
+        return free
+
+    def unload(self, name: str) -> None:
+        slot, _ = self.loaded.pop(name)
+        for layer in self.layers.values():
+            layer.clear(slot)
+        with torch.no_grad():
+            self.unet.time_embedding.cond_proj.weight[slot].zero_()
+
+    def coefficients(self, row_sets: list[AdapterSet], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_coef (rows, S R), proj_coef (rows, S)) for `row_sets` padded with zero rows to `rows`."""
+        row_coef = torch.zeros(rows, self.slots, self.rank)
+        proj_coef = torch.zeros(rows, self.slots)
+        for i, chosen in enumerate(row_sets):
+            for adapter, weight in chosen:
+                slot, _ = self.loaded[adapter.name]
+                row_coef[i, slot] = weight * adapter.scale
+                if adapter.projection is not None:
+                    proj_coef[i, slot] = 1.0
+        like = self.unet.time_embedding.cond_proj.weight
+        return row_coef.view(rows, -1).to(like), proj_coef.to(like)
+
+    def forward(self, x, t, text, w_emb, row_coef, proj_coef) -> torch.Tensor:
+        """eps for padded rows: the function to compile (the coefficients become graph inputs)."""
+        self.context.row_coef, self.context.proj_coef = row_coef, proj_coef
+        return self.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample
