@@ -1,23 +1,27 @@
-"""Per-row LoRA slots: each slot's adapters joined by rank, A = [A1; A2], B = [s1 B1, s2 B2] (cached)."""
+"""Per-row LoRA slots: each slot's adapters joined by rank, A = [A1; A2], B = [s1 B1, s2 B2] (cached).
+
+A composition is a `kernels.LoRAWeights` per layer: made once, it also keeps what the kernels read
+every call (the scales on the device and as host floats; A and B padded for Triton on first use).
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
-
 from distillery.adapters.loaded import AdapterSet, set_key
+from distillery.kernels import LoRAWeights
 
 MAX_CACHED_COMPOSITIONS = 16  # composed slot sets: each holds zero-padded copies of its adapters' factors
 
 
-def compose_layer(layer: str, slot_sets: list[AdapterSet]) -> tuple:
+def compose_layer(layer: str, slot_sets: list[AdapterSet]) -> LoRAWeights:
     """A (S, R, K) (or (S, R, C, k, k) for a k x k conv), B (S, N, R), scales (S,) and each slot's own rank
-    (the torch path skips the zero padding up to the largest R). Weights and scales are folded into B."""
+    (the torch path skips the zero padding up to the largest R). Weights and scales are folded into B,
+    so the scales are all 1."""
     parts = [[(a.layers[layer], weight * a.scale) for a, weight in chosen if layer in a.layers] for chosen in slot_sets]
     if len(parts) == 1 and len(parts[0]) == 1 and parts[0][0][1] == 1.0:  # one adapter at scale 1: views, no copy
         (a, b), _ = parts[0][0]
-        return a[None], b[None], torch.ones(1), (a.shape[0],)
+        return LoRAWeights.of(a[None], b[None], [1.0], (a.shape[0],))
     a0, b0 = next(ab for p in parts for ab, _ in p)
     ranks = [sum(ab[0].shape[0] for ab, _ in p) for p in parts]
     r_max = max(ranks) or 1
@@ -29,7 +33,7 @@ def compose_layer(layer: str, slot_sets: list[AdapterSet]) -> tuple:
             lora_a[s, r0:r0 + a.shape[0]] = a
             lora_b[s, :, r0:r0 + a.shape[0]] = b * scale
             r0 += a.shape[0]
-    return lora_a, lora_b, torch.ones(len(parts)), tuple(ranks)
+    return LoRAWeights.of(lora_a, lora_b, [1.0] * len(parts), ranks)
 
 
 class Compositions:
@@ -38,12 +42,12 @@ class Compositions:
 
     def __init__(self, max_cached: int = MAX_CACHED_COMPOSITIONS):
         self.max_cached = max_cached
-        self._cache: OrderedDict[tuple, dict[str, tuple]] = OrderedDict()
+        self._cache: OrderedDict[tuple, dict[str, LoRAWeights]] = OrderedDict()
 
     def clear(self) -> None:
         self._cache.clear()
 
-    def of(self, slot_sets: list[AdapterSet], layers: set[str]) -> dict[str, tuple]:
+    def of(self, slot_sets: list[AdapterSet], layers: set[str]) -> dict[str, LoRAWeights]:
         key = (tuple(set_key(chosen) for chosen in slot_sets), frozenset(layers))
         composed = self._cache.get(key)
         if composed is None:

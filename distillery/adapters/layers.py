@@ -2,8 +2,9 @@
 
 Every nn.Linear and nn.Conv2d is wrapped once (the wrapper holds the SAME base module: W0 is
 never copied) and runs the stock batched ops (throughput mode). Linear and 1 x 1 convolutions
-(linear over channels) take their LoRA through `kernels.lora_linear` with the call's per-row
-adapter slot; k x k convolutions through the torch reference `kernels.lora_conv2d_reference`.
+(linear over channels) take their LoRA through `kernels.lora_linear` with the layer's composed
+`LoRAWeights` and the call's `RowSlots` (both built once, not per layer call); k x k convolutions
+through the torch reference `kernels.lora_conv2d_reference`.
 A call whose rows all use one adapter set may run on that set's merged weights instead.
 `time_embedding.cond_proj` becomes a per-row w projection: rows whose set holds a
 guidance-distilled adapter get its projection, other rows get exactly zero (their timestep
@@ -21,22 +22,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillery.kernels import add_to_rows, copy_to_rows, gather_rows, lora_conv2d_reference, lora_linear, over_channels
+from distillery.kernels import (
+    LoRAWeights,
+    RowSlots,
+    add_to_rows,
+    copy_to_rows,
+    gather_rows,
+    lora_conv2d_reference,
+    lora_linear,
+    over_channels,
+)
 
 
 @dataclass
 class AdapterBatch:
-    """What one UNet call's rows use: a slot per distinct adapter set."""
+    """What one UNet call's rows use: a slot per distinct adapter set (built once per row pattern, cached)."""
 
-    row_slot: torch.Tensor  # (rows,) int64, -1 = base only
-    layers: dict[str, tuple] = field(default_factory=dict)  # A (S, R, ...), B (S, N, R), scales (S,), ranks per slot
+    rows: RowSlots  # each row's slot (-1 = base only) as segments, run tables, and the Triton workspace
+    layers: dict[str, LoRAWeights] = field(default_factory=dict)  # A (S, R, ...), B (S, N, R), scales, ranks
     projections: list[torch.Tensor | None] = field(default_factory=list)  # per slot: (C, E) or None
-    segments: list = field(default_factory=list)  # kernels.segments_of(row_slot), computed once per call on the host
     merged: dict[str, torch.Tensor] | None = None  # every row uses one set: its W0 + sum s B A, per layer it touches
     # several sets, merging on: each slot's merged weights; Linear layers run each slot's rows on them
     # (a GEMM per slot, no LoRA FLOPs), convolutions take per-row LoRA from `layers`
     slot_merged: list[dict[str, torch.Tensor]] | None = None
     all_segments: list = field(default_factory=list)  # segments_of(row_slot, with_base=True) when slot_merged
+
+    @property
+    def row_slot(self) -> torch.Tensor:  # (rows,) int64 on the device
+        return self.rows.row_slot
+
+    @property
+    def segments(self) -> list:  # kernels.segments_of(row_slot), computed once per call on the host
+        return self.rows.segments
 
 
 class LoRAContext:
@@ -73,7 +90,7 @@ class _ServingLayer(nn.Module):
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def lora_forward(self, x: torch.Tensor, lora: tuple, batch: AdapterBatch) -> torch.Tensor:
+    def lora_forward(self, x: torch.Tensor, lora: LoRAWeights, batch: AdapterBatch) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -113,9 +130,7 @@ class ServingLinear(_ServingLayer):
         return F.linear(x, weight, self.base.bias)
 
     def lora_forward(self, x, lora, batch):
-        lora_a, lora_b, scales, ranks = lora
-        return lora_linear(x, self.base.weight, self.base.bias, lora_a, lora_b, scales, batch.row_slot,
-                           segments=batch.segments, check=False, ranks=ranks)
+        return lora_linear(x, self.base.weight, self.base.bias, lora, batch.rows)
 
 
 def _weight_runs(batch: AdapterBatch, name: str, base_weight: torch.Tensor) -> list[tuple[slice | torch.Tensor | None, torch.Tensor]]:
@@ -147,14 +162,12 @@ class ServingConv2d(_ServingLayer):
         return self.base._conv_forward(x, weight, self.base.bias)
 
     def lora_forward(self, x, lora, batch):
-        lora_a, lora_b, scales, ranks = lora
         conv = self.base
         if self.pointwise:
-            return over_channels(x, lambda tokens: lora_linear(
-                tokens, conv.weight.flatten(1), conv.bias, lora_a, lora_b, scales, batch.row_slot,
-                segments=batch.segments, check=False, ranks=ranks))
-        return lora_conv2d_reference(x, conv.weight, conv.bias, lora_a, lora_b, scales, batch.segments, ranks,
-                                     conv.stride, conv.padding, conv.dilation, check=False)
+            weight = conv.weight.flatten(1)  # (N, C): a view
+            return over_channels(x, lambda tokens: lora_linear(tokens, weight, conv.bias, lora, batch.rows))
+        return lora_conv2d_reference(x, conv.weight, conv.bias, lora.lora_a, lora.lora_b, lora.scale_floats,
+                                     batch.segments, lora.ranks, conv.stride, conv.padding, conv.dilation, check=False)
 
 
 class PerRowProjection(nn.Module):

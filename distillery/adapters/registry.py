@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
-
 from distillery.adapters.composition import Compositions
 from distillery.adapters.layers import AdapterBatch, LoRAContext, ServingLinear, install_serving_layers
 from distillery.adapters.loaded import AdapterSet, guidance_adapter, read_loaded, set_key
 from distillery.adapters.merged import MergedWeights, default_merged_budget
 from distillery.adapters.residency import Residency
-from distillery.kernels import segments_of
+from distillery.kernels import RowSlots, Workspace, segments_of
 from distillery.model import DiffusionModel
 
 MAX_CACHED_BATCHES = 64  # row patterns (steady batches and switches back cost a lookup)
@@ -37,6 +35,7 @@ class AdapterRegistry(Residency):
         self._generation = self._cache_generation = 0  # bumped when an adapter leaves: cached slots go
         self._batches: OrderedDict[tuple, AdapterBatch] = OrderedDict()  # per-call slots, by row pattern
         self._compositions = Compositions()
+        self._workspace = Workspace()  # the Triton shrink's buffer, shared by every call: they run one at a time
         self._merged = MergedWeights(model.unet, 0)
         self.merged_budget_bytes = default_merged_budget(model.device) if merged_budget_bytes is None else merged_budget_bytes
 
@@ -86,8 +85,7 @@ class AdapterRegistry(Residency):
                 keys[key] = len(slot_sets)
                 slot_sets.append(chosen)
             row_slot.append(keys[key])
-        batch = AdapterBatch(torch.tensor(row_slot, dtype=torch.long, device=self.model.device),
-                             segments=segments_of(row_slot))
+        batch = AdapterBatch(RowSlots.of(row_slot, self.model.device, self._workspace))  # once per row pattern
         batch.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in slot_sets]
         touched = {layer for chosen in slot_sets for a, _ in chosen for layer in a.layers}
         if self.merged_budget_bytes > 0:

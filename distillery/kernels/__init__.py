@@ -1,5 +1,5 @@
 """Fused LoRA ops: one function per op, a Triton kernel and a torch reference with the same
-signature.
+semantics.
 
 Dispatch: Triton on CUDA, the torch reference elsewhere; DISTILLERY_LORA_BACKEND=triton|torch
 forces one (triton on CPU needs TRITON_INTERPRET=1 set before triton is imported).
@@ -20,6 +20,7 @@ from distillery.kernels.lora import (
     over_channels,
     segments_of,
 )
+from distillery.kernels.lora_meta import LoRAWeights, RowSlots, Workspace
 
 
 def backend(device) -> str:
@@ -29,21 +30,20 @@ def backend(device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scales, row_adapter, segments=None, check=True, ranks=None):
+def lora_linear(x, weight, bias, lora: LoRAWeights, rows: RowSlots):
     """y = x W0^T + bias + per-row s (x A^T) B^T (semantics and shapes in distillery/kernels/lora.py).
 
-    `segments` (kernels.segments_of(row_adapter)) and check=False are for callers that did both once;
-    `ranks`: each slot's rank within the zero-padded R (the torch path skips the padding).
+    `lora` (once per layer per adapter composition) and `rows` (once per UNet call) carry everything
+    either path reads besides x and W0, so a layer call makes no host copy, no sync and (Triton) no
+    allocation beyond y. Arguments are not checked here: the registry checked them at load.
     """
     if backend(x.device) == "triton":
-        from distillery.kernels.lora_triton import lora_linear_triton  # imports triton: only when it is used
+        from distillery.kernels.lora_triton import lora_linear_fused  # imports triton: only when it is used
 
-        return lora_linear_triton(x, weight, bias, lora_a, lora_b, scales, row_adapter)
-    if check:
-        check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter)
-    return lora_apply(x, weight, bias, lora_a, lora_b, scales,
-                      segments if segments is not None else segments_of(row_adapter), ranks)
+        return lora_linear_fused(x, weight, bias, lora, rows)
+    return lora_apply(x, weight, bias, lora.lora_a, lora.lora_b, lora.scale_floats, rows.segments, lora.ranks)
 
 
-__all__ = ["add_to_rows", "backend", "check_lora_args", "copy_to_rows", "gather_rows", "lora_apply", "lora_conv2d_reference",
-           "lora_linear", "lora_linear_reference", "over_channels", "segments_of"]
+__all__ = ["LoRAWeights", "RowSlots", "Workspace", "add_to_rows", "backend", "check_lora_args", "copy_to_rows",
+           "gather_rows", "lora_apply", "lora_conv2d_reference", "lora_linear", "lora_linear_reference",
+           "over_channels", "segments_of"]

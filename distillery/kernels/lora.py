@@ -112,7 +112,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           segments: list[tuple[int, torch.Tensor | None]] | None = None) -> torch.Tensor:
     """`segments` (from `segments_of(row_adapter)`) may be passed to skip recomputing them per layer."""
     check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter)
-    return lora_apply(x, weight, bias, lora_a, lora_b, scales,
+    return lora_apply(x, weight, bias, lora_a, lora_b, scales.tolist(),
                       segments if segments is not None else segments_of(row_adapter))
 
 
@@ -120,8 +120,10 @@ def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) ->
     """The reference's arithmetic without argument checks: the serving layers' hot path (their
     shapes were checked when the adapter was loaded).
 
-    `ranks` (per slot) skips the zero padding of composed slots. Several slots in one call: every slot
-    at once (`_add_lora_all_slots`: two GEMMs and a mask instead of a loop of gathers and small GEMMs).
+    `scales`: per slot, Python floats (read once per composition, never per layer: on CUDA a
+    `.tolist()` here would sync per layer). `ranks` (per slot) skips the zero padding of composed
+    slots. Several slots in one call: every slot at once (`_add_lora_all_slots`: two GEMMs and a mask
+    instead of a loop of gathers and small GEMMs).
     """
     y = F.linear(x, weight, bias)  # (M, [N,] N_out)
     if len(segments) > 1:
@@ -140,7 +142,9 @@ def _add_lora_all_slots(y, x, lora_a, lora_b, scales, segments) -> torch.Tensor:
     for s, rows in segments:
         keep[rows if rows is not None else slice(None), s] = 1.0
     t = t * keep.view(x.shape[0], *([1] * (x.dim() - 2)), n_slots * rank)
-    b = (lora_b * scales.to(lora_b)[:, None, None]).permute(1, 0, 2).reshape(lora_b.shape[1], n_slots * rank)  # (N, S R)
+    if any(s != 1.0 for s in scales):  # the registry folds scales into B: 1.0 there, no tensor made
+        lora_b = lora_b * lora_b.new_tensor(scales)[:, None, None]
+    b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n_slots * rank)  # (N, S R)
     return y.add_(F.linear(t, b))
 
 
@@ -154,14 +158,13 @@ def over_channels(x: torch.Tensor, linear) -> torch.Tensor:
 
 def _add_lora_terms(y, x, scales, segments, ranks, term) -> torch.Tensor:
     """y[rows] += scale * term(x[rows], slot, rank) for each slot's rows (punica's SGMV, in torch); a
-    slot whose set leaves this layer alone has rank 0."""
-    scale_of = scales.tolist()
+    slot whose set leaves this layer alone has rank 0. `scales`: Python floats per slot."""
     for s, rows in segments:
         if ranks[s] == 0:
             continue
         delta = term(gather_rows(x, rows), s, ranks[s])
-        if scale_of[s] != 1.0:
-            delta = delta * scale_of[s]
+        if scales[s] != 1.0:
+            delta = delta * scales[s]
         add_to_rows(y, rows, delta)
     return y
 
@@ -171,10 +174,13 @@ def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ran
     """LoRA on a k x k convolution (peft's layout: A a k x k conv to R channels, B a 1 x 1 conv back),
     per-row slots like `lora_apply`. Torch only: the Triton kernel covers linear and 1 x 1 layers.
 
-    x (n, C, H, W); weight (N_out, C, k, k); lora_a (S, R, C, k, k); lora_b (S, N_out, R); scales (S,).
+    x (n, C, H, W); weight (N_out, C, k, k); lora_a (S, R, C, k, k); lora_b (S, N_out, R); scales (S,),
+    a tensor or Python floats (the serving layers pass floats: no read back per layer).
     """
     if check:
         check_lora_conv_args(x, weight, bias, lora_a, lora_b, scales)
+    if isinstance(scales, torch.Tensor):
+        scales = scales.tolist()
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
 
     def term(xs, s, r):  # A: a k x k conv to r channels; B: a 1 x 1 conv back
