@@ -23,7 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from distillery.adapters import AdapterRegistry
-from distillery.adapters.slots import BUCKETS, SlotAdapters, bucket_of
+from distillery.adapters.slots import BUCKETS, SlotAdapters
 from distillery.model import DiffusionModel, unet_fingerprint
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
@@ -37,6 +37,7 @@ SWAPPED_IN = "progressive-toy-4"  # replaces guidance-toy in its slot half-way t
 def run(quick: bool = False) -> dict:
     figures = {f"toy_{k}": v for k, v in _toy(calls=6 if quick else 50, buckets=BUCKETS[:2] if quick else BUCKETS)
                .items()}
+    print("toy:", figures, flush=True)  # the SD-1.5 part takes long: these come first
     if not quick:
         figures.update({f"sd15_{k}": v for k, v in _sd15(calls=10).items()})
     figures["recompiles"] = figures["toy_recompiles"] + figures.get("sd15_recompiles", 0)
@@ -75,12 +76,13 @@ def _measure(eager, registry, compiled, adapters: dict, calls: int, buckets: tup
     names = list(adapters)
     first = [n for n in names if not swap or n != swap[1]]
     targets = set().union(*(a.layers for a in adapters.values()))
-    slots = SlotAdapters(compiled.unet, targets, EMBEDDING_DIM, slots=len(first), rank=rank)
+    slots = SlotAdapters(compiled.unet, EMBEDDING_DIM, slots=len(first), rank=rank, targets=targets,
+                         backend="inductor")
     for name in first:
         slots.load(adapters[name])
-    fn = torch.compile(slots.forward, dynamic=False)
-    shape = eager.latent_shape(eager.default_size, eager.default_size)
-    text_dim = text_dim or eager.unet.config.cross_attention_dim
+    config = eager.unet.config
+    shape = (config.in_channels, config.sample_size, config.sample_size)  # the native latent
+    text_dim = text_dim or config.cross_attention_dim
     rng = random.Random(0)
 
     def inputs(rows: int, loaded: list[str]):
@@ -97,12 +99,8 @@ def _measure(eager, registry, compiled, adapters: dict, calls: int, buckets: tup
         return sets, x, t, text, w
 
     def run_compiled(sets, x, t, text, w):
-        rows, size = len(sets), bucket_of(len(sets))
-        pad = size - rows
-        grow = (lambda v: torch.cat([v, v.new_zeros(pad, *v.shape[1:])])) if pad else (lambda v: v)
-        row_coef, proj_coef = slots.coefficients(sets, size)
         with torch.no_grad():
-            return fn(grow(x), grow(t), grow(text), grow(w), row_coef, proj_coef)[:rows]
+            return slots.call(x, t, text, w, sets)
 
     def run_eager(sets, x, t, text, w):
         with torch.no_grad(), registry.active(sets):

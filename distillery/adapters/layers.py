@@ -199,8 +199,13 @@ def install_serving_layers(unet, context: LoRAContext) -> None:
         raise RuntimeError("this UNet already has serving layers (another AdapterRegistry serves it); "
                            "load another copy of the model for a second registry")
     unet.time_embedding.cond_proj = PerRowProjection(unet.time_embedding.linear_1.in_features, context)
-    for name, module in list(unet.named_modules()):
-        if type(module) is nn.Linear:
-            unet.set_submodule(name, ServingLinear(module, name, context))
-        elif type(module) is nn.Conv2d and module.padding_mode == "zeros" and module.groups == 1:
-            unet.set_submodule(name, ServingConv2d(module, name, context))
+    for name in servable_layers(unet):
+        module = unet.get_submodule(name)
+        wrapper = ServingLinear if type(module) is nn.Linear else ServingConv2d
+        unet.set_submodule(name, wrapper(module, name, context))
+
+
+def servable_layers(unet) -> list[str]:
+    """The layers LoRA is served on: every Linear and zero-padded ungrouped Conv2d."""
+    return [name for name, module in unet.named_modules() if type(module) is nn.Linear or (
+        type(module) is nn.Conv2d and module.padding_mode == "zeros" and module.groups == 1)]

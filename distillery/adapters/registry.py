@@ -17,6 +17,7 @@ from distillery.adapters.layers import AdapterBatch, LoRAContext, ServingLinear,
 from distillery.adapters.loaded import AdapterSet, guidance_adapter, read_loaded, set_key
 from distillery.adapters.merged import MergedWeights, default_merged_budget
 from distillery.adapters.residency import Residency
+from distillery.adapters.slots import SlotAdapters
 from distillery.kernels import RowSlots, Workspace, segments_of
 from distillery.model import DiffusionModel
 
@@ -24,11 +25,14 @@ MAX_CACHED_BATCHES = 64  # row patterns (steady batches and switches back cost a
 
 
 class AdapterRegistry(Residency):
-    def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int | None = None):
+    def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int | None = None,
+                 slots: SlotAdapters | None = None):
         """`merged_budget_bytes` > 0: a call's adapter sets run on merged weights (W0 + BA, cached up to this many
-        bytes; the running call's sets always stay); 0: per-row LoRA. None: the device's default."""
-        self.context = LoRAContext()
-        install_serving_layers(model.unet, self.context)  # raises if another registry serves this UNet
+        bytes; the running call's sets always stay); 0: per-row LoRA. None: the device's default. `slots`
+        (installed into the model's UNet already): UNet calls run through them (the compiled UNet) instead."""
+        self.context, self.slots = LoRAContext(), slots
+        if slots is None:
+            install_serving_layers(model.unet, self.context)  # raises if another registry serves this UNet
         super().__init__(lambda name, folder: read_loaded(name, folder, model), budget_bytes,
                          on_leave=self.forget_cached)
         self.model = model

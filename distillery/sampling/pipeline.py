@@ -126,6 +126,8 @@ def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents,
     if registry is None:  # a plain UNet: no serving layers, no w projection
         return model.unet(x, t, encoder_hidden_states=text).sample
     w_emb = guidance_embedding(torch.cat(guidance)).to(x.device, x.dtype)  # (rows, E)
+    if registry.slots is not None:  # the compiled UNet: adapters in slots, rows padded to a bucket
+        return registry.slots.call(x, t, text, w_emb, row_sets)
     with registry.active(row_sets):
         return model.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample  # (rows, C, h, w)
 

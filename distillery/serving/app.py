@@ -19,7 +19,9 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from distillery.adapters import AdapterError
+from distillery.adapters.slots import SlotAdapters
 from distillery.model import DiffusionModel
+from distillery.sampling.guidance import EMBEDDING_DIM
 from distillery.serving import a1111_api, openai_api, playground
 from distillery.serving.config import API_KEY_ENV, Settings, get_settings
 from distillery.serving.engine import Engine
@@ -93,11 +95,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.threads:
                 torch.set_num_threads(settings.threads)
             model = DiffusionModel.from_pretrained(settings.model_path, settings.device, settings.torch_dtype)
+            slots = None if settings.compile == "off" else SlotAdapters(
+                model.unet, EMBEDDING_DIM, settings.compile_slots, settings.compile_rank, backend=settings.compile)
             engine = Engine(model, settings.queue_size, settings.request_timeout_s, settings.max_batch_rows,
                             settings.adapter_budget_bytes, settings.merged_cache_bytes,
                             deterministic=settings.deterministic,
-                            on_death=_exit_process if settings.exit_on_worker_death else None)
+                            on_death=_exit_process if settings.exit_on_worker_death else None, slots=slots)
             engine.load_adapters_from(settings.adapters_root)
+            if slots is not None:  # every bucket compiled before traffic, at the native size
+                text = model.encode_prompts([""]).shape[1:]
+                slots.warm(model.latent_shape(model.default_size, model.default_size), text, model.device, model.dtype)
             return engine
 
         app.state.engine = engine = await on_torch_thread(load)

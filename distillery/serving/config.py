@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
-
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     max_steps: int | None = None  # operator's cap on steps per request; unset: what the scheduler allows
     exit_on_worker_death: bool = True  # the engine's worker died: stop the process so the orchestrator restarts it
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # off: the eager serving layers. inductor: torch.compile of a UNet whose adapters sit in fixed slots
+    # (distillery/adapters/slots.py: no recompilation across adapters, w and batch sizes up to 16 rows; every
+    # bucket is compiled at start, other image sizes at first use). eager: the same graphs without code
+    # generation (tests). Slots: adapters one UNet call can hold; rank: the largest adapter rank they take.
+    compile: Literal["off", "inductor", "eager"] = "off"
+    compile_slots: int = Field(default=8, ge=1, le=64)
+    compile_rank: int = Field(default=16, ge=1, le=1024)
     # The OpenAI API's models beyond the base and one per adapter: {"id": ["adapter", "adapter:weight", ...]},
     # e.g. DISTILLERY_PRESETS='{"fast-stripes": ["lcm-toy", "stripes-toy:0.8"]}'
     presets: dict[str, list[str]] = {}

@@ -47,11 +47,11 @@ log = logging.getLogger("distillery.engine")
 class Engine:
     def __init__(self, model: DiffusionModel, queue_size: int = 16, timeout_s: float = 120.0, max_rows: float = 12,
                  adapter_budget_bytes: int | None = None, merged_cache_bytes: int | None = None,
-                 metrics: Metrics | None = None, deterministic: bool = False, on_death=None):
+                 metrics: Metrics | None = None, deterministic: bool = False, on_death=None, slots=None):
         """`max_rows`: the latent pixels of one step's calls, in rows at the model's native size (a request
-        alone always runs, whatever its size). Makes the registry, which installs the serving layers."""
+        alone always runs, whatever its size). Makes the registry: serving layers, or `slots` (compiled)."""
         self.model = model
-        self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes)
+        self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes, slots)
         self.metrics = metrics or Metrics()
         self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
         self.deterministic, self.on_death = deterministic, on_death
