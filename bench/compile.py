@@ -27,6 +27,7 @@ from distillery.adapters.slots import BUCKETS, SlotAdapters
 from distillery.model import DiffusionModel, unet_fingerprint
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
+from distillery.serving.config import Settings
 from distillery.testing.sd15 import sd15_scheduler, sd15_unet
 from distillery.testing.synthetic_adapters import write_random_adapter
 
@@ -76,8 +77,8 @@ def _measure(eager, registry, compiled, adapters: dict, calls: int, buckets: tup
     names = list(adapters)
     first = [n for n in names if not swap or n != swap[1]]
     targets = set().union(*(a.layers for a in adapters.values()))
-    slots = SlotAdapters(compiled.unet, EMBEDDING_DIM, slots=len(first), rank=rank, targets=targets,
-                         backend="inductor")
+    n_slots = Settings().compile_slots  # the server's default: the cost grows with slots x rank
+    slots = SlotAdapters(compiled.unet, EMBEDDING_DIM, slots=n_slots, rank=rank, targets=targets, backend="inductor")
     for name in first:
         slots.load(adapters[name])
     config = eager.unet.config
@@ -127,5 +128,5 @@ def _measure(eager, registry, compiled, adapters: dict, calls: int, buckets: tup
         ratios.append(times["eager"][0] / times["compiled"][0])
         diffs.append((times["eager"][1] - times["compiled"][1]).abs().max().item())
     return {"recompiles": counters["stats"]["unique_graphs"] - graphs, "speedup": statistics.median(ratios),
-            "max_abs_diff": max(diffs), "warmup_s": round(warmup_s, 1), "calls": calls,
+            "max_abs_diff": max(diffs), "warmup_s": round(warmup_s, 1), "calls": calls, "slots": n_slots, "rank": rank,
             "buckets": ",".join(map(str, buckets))}

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # bucket is compiled at start, other image sizes at first use). eager: the same graphs without code
     # generation (tests). Slots: adapters one UNet call can hold; rank: the largest adapter rank they take.
     compile: Literal["off", "inductor", "eager"] = "off"
-    compile_slots: int = Field(default=8, ge=1, le=64)
+    compile_slots: int = Field(default=4, ge=1, le=64)
     compile_rank: int = Field(default=16, ge=1, le=1024)
     # The OpenAI API's models beyond the base and one per adapter: {"id": ["adapter", "adapter:weight", ...]},
     # e.g. DISTILLERY_PRESETS='{"fast-stripes": ["lcm-toy", "stripes-toy:0.8"]}'
