@@ -94,15 +94,19 @@ class _ServingLayer(nn.Module):
         raise NotImplementedError
 
 
-class ServingLinear(_ServingLayer):
+class LinearShape:
+    """Code that reads a Linear's shape keeps working on a wrapper holding it as `base`."""
+
     @property
-    def in_features(self) -> int:  # code that reads a Linear's shape keeps working on the wrapper
+    def in_features(self) -> int:
         return self.base.in_features
 
     @property
     def out_features(self) -> int:
         return self.base.out_features
 
+
+class ServingLinear(LinearShape, _ServingLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.current
         if batch is None or batch.slot_merged is None:

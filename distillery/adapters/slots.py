@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.adapters.files import AdapterError
-from distillery.adapters.layers import servable_layers
+from distillery.adapters.layers import LinearShape, servable_layers
 from distillery.adapters.loaded import AdapterSet, LoadedAdapter
 
 BUCKETS = (1, 2, 4, 8, 16)  # rows per UNet call: a call is padded to the next one
@@ -42,7 +42,7 @@ class SlotContext:
     proj_coef: torch.Tensor | None = None  # (rows, S)
 
 
-class SlotLayer(nn.Module):
+class SlotLayer(LinearShape, nn.Module):
     """A Linear or zero-padded Conv2d (W0 shared, never copied) plus S slots of rank-R LoRA."""
 
     def __init__(self, base: nn.Module, slots: int, rank: int, context: SlotContext):
@@ -51,14 +51,6 @@ class SlotLayer(nn.Module):
         weight = base.weight  # (N, K) or (N, C, kh, kw)
         self.register_buffer("lora_a", weight.new_zeros(slots * rank, *weight.shape[1:]))  # (S R, K | C, kh, kw)
         self.register_buffer("lora_b", weight.new_zeros(weight.shape[0], slots * rank))  # (N, S R)
-
-    @property
-    def in_features(self) -> int:  # code that reads a Linear's shape keeps working on the wrapper
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coef = self.context.row_coef  # (rows, S R)
