@@ -129,4 +129,4 @@ def _measure(eager, registry, compiled, adapters: dict, calls: int, buckets: tup
         diffs.append((times["eager"][1] - times["compiled"][1]).abs().max().item())
     return {"recompiles": counters["stats"]["unique_graphs"] - graphs, "speedup": statistics.median(ratios),
             "max_abs_diff": max(diffs), "warmup_s": round(warmup_s, 1), "calls": calls, "slots": n_slots, "rank": rank,
-            "buckets": ",".join(map(str, buckets))}
+            "buckets": len(buckets), "largest_bucket": max(buckets)}
