@@ -58,9 +58,7 @@ def test_kernels_compile_for_sm90(dtype, rank, which):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, __file__, dtype, str(rank), which], capture_output=True, text=True,
                           check=False, env=env, timeout=300, cwd=Path(__file__).resolve().parents[2])
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("this Triton install has no ptxas")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the locked triton wheel ships ptxas: none is a failure
     records = json.loads(proc.stdout.strip().splitlines()[-1])
     assert records and all(r["shared"] <= H100_SHARED_BYTES and r["pipelined"] for r in records), records
     assert all(r["tensor_cores"] == (dtype != "fp32") for r in records), records  # fp32 "ieee" products: FMA
