@@ -65,6 +65,16 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmu
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+async def timed_submits(engine, jobs: list) -> list[float]:
+    """One client: submit `jobs` to the engine one after another; each one's latency in seconds."""
+    latencies = []
+    for job in jobs:
+        t0 = time.perf_counter()
+        await engine.submit(job)
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
 def image_parts(model: DiffusionModel, registry: AdapterRegistry, adapter: LoadedAdapter, prompt: str, w: float,
                 rounds: int) -> dict[str, float]:
     """Median seconds of an image's components, each as its sampler runs it: a UNet call of W0 alone and of

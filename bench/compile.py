@@ -89,7 +89,7 @@ def _measure(eager, registry, compiled, adapters: dict, calls: int, buckets: tup
     def inputs(rows: int, loaded: list[str]):
         sets = []
         for _ in range(rows):
-            picked = rng.sample([n for n in loaded], rng.randint(0, 2))
+            picked = rng.sample(loaded, rng.randint(0, 2))
             distilled = [n for n in picked if adapters[n].single_eval][:1]
             chosen = distilled + [n for n in picked if not adapters[n].single_eval]
             sets.append(tuple((adapters[n], rng.choice([0.5, 1.0, 1.5]) if not adapters[n].single_eval else 1.0)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import timed_submits
 from bench.gpu_common import PROMPT, W, base_model, interleaved_medians, plan_for, random_adapter, setup
 from distillery.serving.engine import Engine
 from distillery.serving.jobs import TORCH_THREAD, Job
@@ -40,24 +41,15 @@ def _jobs(round_: int, per_client: int, steps: int) -> list[list[Job]]:
                  adapters=MIXES[c % len(MIXES)]) for i in range(per_client)] for c in range(CLIENTS)]
 
 
-async def _client(engine: Engine, jobs: list[Job]) -> list[float]:
-    latencies = []
-    for job in jobs:
-        t0 = time.perf_counter()
-        await engine.submit(job)
-        latencies.append(time.perf_counter() - t0)
-    return latencies
-
-
 async def _sequential(engine, clients) -> tuple[float, list[float]]:
     t0 = time.perf_counter()
-    solo = [x for jobs in clients for x in await _client(engine, jobs)]
+    solo = [x for jobs in clients for x in await timed_submits(engine, jobs)]
     return time.perf_counter() - t0, solo
 
 
 async def _concurrent(engine, clients) -> tuple[float, list[float]]:
     t0 = time.perf_counter()
-    crowd = [x for lat in await asyncio.gather(*(_client(engine, jobs) for jobs in clients)) for x in lat]
+    crowd = [x for lat in await asyncio.gather(*(timed_submits(engine, jobs) for jobs in clients)) for x in lat]
     return time.perf_counter() - t0, crowd
 
 

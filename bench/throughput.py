@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import interleaved_medians
+from bench.common import interleaved_medians, timed_submits
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.serving.engine import Engine
@@ -49,16 +49,8 @@ async def _measure(engine: Engine, clients: list[list[Job]]) -> tuple[list[float
             solo.append(time.perf_counter() - t)
     sequential = time.perf_counter() - t0
 
-    async def client(jobs):
-        out = []
-        for job in jobs:
-            t = time.perf_counter()
-            await engine.submit(job)
-            out.append(time.perf_counter() - t)
-        return out
-
     t0 = time.perf_counter()
-    crowd = [x for lat in await asyncio.gather(*(client(j) for j in clients)) for x in lat]
+    crowd = [x for lat in await asyncio.gather(*(timed_submits(engine, j) for j in clients)) for x in lat]
     return solo, crowd, sequential, time.perf_counter() - t0
 
 

@@ -162,10 +162,15 @@ def _script_on(script: Any) -> bool:
     return not (isinstance(args, list) and (not args or args[0] is False))
 
 
+def model_hash(request: Request) -> str:
+    """A1111's short hash of the loaded model: the first 10 hex digits of its fingerprint."""
+    return request.app.state.engine.model.fingerprint[:10]
+
+
 def model_title(request: Request) -> tuple[str, str]:
     """(A1111's title "name [hash]", name) of the loaded model."""
     name = Path(request.app.state.settings.model_path).name
-    return f"{name} [{request.app.state.engine.model.fingerprint[:10]}]", name
+    return f"{name} [{model_hash(request)}]", name
 
 
 class A1111Error(BaseModel):
@@ -226,16 +231,17 @@ def _info(req: Txt2ImgRequest, results: list, request: Request) -> dict:
     first = results[0].job
     seeds = [r.job.seed for r in results]
     sampler = next(name for name, (s, _) in SAMPLERS.items() if s == first.scheduler)
-    title, name = model_title(request)
+    _, name = model_title(request)
+    short_hash = model_hash(request)
     infotexts = [f"{first.prompt}\nNegative prompt: {first.negative_prompt}\nSteps: {r.job.steps}, Sampler: {sampler}, "
                  f"CFG scale: {r.job.guidance + 1.0}, Seed: {r.job.seed}, Size: {r.image.width}x{r.image.height}, "
-                 f"Model hash: {title.split('[')[1][:-1]}, Model: {name}" for r in results]
+                 f"Model hash: {short_hash}, Model: {name}" for r in results]
     return {"prompt": req.prompt, "all_prompts": [req.prompt] * len(results), "negative_prompt": req.negative_prompt,
             "all_negative_prompts": [req.negative_prompt] * len(results), "seed": seeds[0], "all_seeds": seeds,
             "subseed": -1, "all_subseeds": [-1] * len(results), "subseed_strength": 0, "width": results[0].image.width,
             "height": results[0].image.height, "sampler_name": sampler, "cfg_scale": first.guidance + 1.0,
             "steps": first.steps, "batch_size": req.batch_size, "restore_faces": False, "sd_model_name": name,
-            "sd_model_hash": title.split("[")[1][:-1], "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "sd_model_hash": short_hash, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": 1, "index_of_first_image": 0, "infotexts": infotexts,
             "extra_generation_params": {"Lora": ", ".join(f"{n}: {w}" for n, w in first.adapters)} if first.adapters
             else {}, "distillery": [info_of(r) for r in results]}
@@ -256,8 +262,8 @@ async def schedulers() -> list[dict]:
 async def sd_models(request: Request) -> list[dict]:
     """The one loaded model (switching checkpoints is a restart with DISTILLERY_MODEL_PATH)."""
     title, name = model_title(request)
-    fingerprint = request.app.state.engine.model.fingerprint
-    return [{"title": title, "model_name": name, "hash": fingerprint[:10], "sha256": fingerprint,
+    return [{"title": title, "model_name": name, "hash": model_hash(request),
+             "sha256": request.app.state.engine.model.fingerprint,
              "filename": request.app.state.settings.model_path, "config": None}]
 
 

@@ -154,16 +154,11 @@ async def generate_images(req: ImagesRequest, request: Request) -> dict:
             "size": f"{width}x{height}", "info": [info_of(r) for r in results]}
 
 
-def sizes(limits: Limits) -> list[int]:
-    """The widths (and heights) the loaded model takes."""
-    return list(range(limits.size_step, limits.max_size + 1, limits.size_step))
-
-
 def _size(size: str | None, native: int, limits: Limits) -> tuple[int, int]:
     if size in (None, "auto"):
         return native, native
     width, height = (int(v) for v in size.split("x"))
-    if width not in sizes(limits) or height not in sizes(limits):
+    if width not in limits.sides or height not in limits.sides:
         raise unprocessable("size", f"size: {size!r} is not allowed here (allowed: 'auto' or 'WxH', W and H "
                                     f"multiples of {limits.size_step} in [{limits.size_step}, {limits.max_size}], "
                                     f"e.g. '{native}x{native}')")

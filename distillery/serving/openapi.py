@@ -26,6 +26,11 @@ class Limits:
         caps = [MAX_STEPS, model.max_steps] + ([settings.max_steps] if settings.max_steps else [])
         return cls(max(1, min(caps)), model.size_step, 2 * model.default_size)
 
+    @property
+    def sides(self) -> range:
+        """Every width (and height) allowed: the multiples of the size step up to the largest."""
+        return range(self.size_step, self.max_size + 1, self.size_step)
+
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
                                "schema": {"type": "integer", "minimum": 0}}}
@@ -102,7 +107,7 @@ def _state_limits(doc: dict, limits: Limits) -> None:
             _state_size_and_steps(schemas[name]["properties"], limits)
     if "ImagesRequest" in schemas:  # OpenAI's size: exactly the 'WxH' this model takes
         props = schemas["ImagesRequest"]["properties"]
-        sides = "|".join(str(v) for v in range(limits.size_step, limits.max_size + 1, limits.size_step))
+        sides = "|".join(map(str, limits.sides))
         _branch(props["size"], "string")["pattern"] = f"^(auto|({sides})x({sides}))$"
         _branch(props["steps"], "integer")["maximum"] = limits.max_steps
 
