@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
@@ -50,6 +50,22 @@ class Settings(BaseSettings):
     # The OpenAI API's models beyond the base and one per adapter: {"id": ["adapter", "adapter:weight", ...]},
     # e.g. DISTILLERY_PRESETS='{"fast-stripes": ["lcm-toy", "stripes-toy:0.8"]}'
     presets: dict[str, list[str]] = {}
+
+    @field_validator("presets")
+    @classmethod
+    def _adapter_refs(cls, presets: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Each "adapter" or "adapter:weight" readable at start, not a 500 at the first request."""
+        for name, refs in presets.items():
+            for ref in refs:
+                adapter, _, weight = ref.partition(":")
+                try:
+                    ok = bool(adapter) and 0.0 <= float(weight or 1.0) <= 2.0
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"preset {name!r}: {ref!r} is not 'adapter' or 'adapter:weight' with weight "
+                                     f"in [0, 2]")
+        return presets
 
 
     @property

@@ -15,6 +15,7 @@ import webuiapi
 from PIL import Image
 
 from distillery.distill.oracle import load_oracle
+from distillery.serving.config import Settings
 from distillery.testing.launch import serve_subprocess
 
 PRESETS = {"fast-stripes": ["lcm-toy", "stripes-toy:0.8"]}
@@ -79,6 +80,14 @@ def test_openai_client_gets_openai_errors_naming_the_field(url):
     with pytest.raises(openai.BadRequestError) as too_many:
         client.images.generate(prompt="a red circle", n=11)
     assert too_many.value.body["param"] == "n"
+
+
+def test_presets_are_checked_when_the_server_starts():
+    with pytest.raises(ValueError, match="'lcm-toy:heavy' is not 'adapter' or 'adapter:weight'"):
+        Settings(presets={"fast": ["lcm-toy:heavy"]})
+    with pytest.raises(ValueError, match="weight in \\[0, 2\\]"):
+        Settings(presets={"fast": ["lcm-toy:3"]})
+    assert Settings(presets={"fast": ["lcm-toy", "stripes-toy:0.8"]}).presets["fast"] == ["lcm-toy", "stripes-toy:0.8"]
 
 
 # ---- AUTOMATIC1111
