@@ -51,16 +51,34 @@ def sd15_with_adapter(folder: Path, quick: bool, kind: str, rank: int) -> tuple[
     return model, registry, registry.load("sd15-" + kind, folder / "adapter")
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable, run A B A B ... so drift hits all of them alike."""
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                        device: torch.device | None = None, events: bool = True) -> dict[str, float]:
+    """Median seconds of each callable, run A B A B ... so drift hits all of them alike.
+
+    On a CUDA `device`, `events`: timed by CUDA events around the call, the stream idle before each (the GPU's
+    wait for the host's launches counts, as it does for a user); otherwise wall clock, on CUDA between two
+    synchronizations (whole images, host work included)."""
+    cuda = device is not None and device.type == "cuda"
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    if cuda:
+        torch.cuda.synchronize(device)
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            if cuda and events:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[k].append(start.elapsed_time(end) / 1e3)
+                continue
             t0 = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize(device)
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from bench import common
 from distillery.adapters import LORA_FILE
 from distillery.kernels import backend
 from distillery.model import DiffusionModel, unet_fingerprint
@@ -146,38 +145,10 @@ def with_peft_adapters(plan: Plan, stock, folders: dict[str, Path]):
     return unet
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved_medians(plan: Plan, fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                         events: bool = True) -> dict[str, float]:
-    """Median seconds of each callable, run A B A B ... so drift (clocks, other tenants) hits all alike.
-
-    On CUDA, `events`: timed by CUDA events around the call, the stream idle before each (the GPU's wait for
-    the host's launches counts, as it does for a user); otherwise (whole images, host work included, and on
-    CPU) wall clock between two synchronizations."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(plan.device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            if plan.device.type == "cuda" and events:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[k].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                sync(plan.device)
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """bench.common's, on the plan's device (CUDA events or synchronized wall clock)."""
+    return common.interleaved_medians(fns, rounds, warmup, device=plan.device, events=events)
 
 
 def _version(dist: str) -> str:

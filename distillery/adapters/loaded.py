@@ -7,14 +7,8 @@ from pathlib import Path
 
 import torch
 
-from distillery.adapters.files import (
-                                       STEP_DISTILLED,
-                                       W_CONDITIONED,
-                                       AdapterError,
-                                       AdapterMeta,
-                                       read_adapter,
-                                       read_lora_file,
-)
+from distillery.adapters.files import (STEP_DISTILLED, W_CONDITIONED, AdapterError, AdapterMeta, read_adapter,
+                                       read_lora_file)
 from distillery.adapters.keys import fit_to_layer, unet_lora_pairs
 
 AdapterSet = tuple[tuple["LoadedAdapter", float], ...]  # (adapter, weight) pairs: what one image row uses
