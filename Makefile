@@ -46,7 +46,8 @@ bench: install
 GPU_WHEELS := .gpu-wheels
 GPU_SITE ?= /tmp/distillery-gpu-site
 GPU_WHEEL_PKGS := diffusers fastapi starlette uvicorn pydantic pydantic_core pydantic-settings annotated-types \
-	typing-inspection python-dotenv opentelemetry-api importlib_metadata lazy-importer typing_extensions
+	typing-inspection python-dotenv opentelemetry-api importlib_metadata lazy-importer typing_extensions \
+	sse-starlette cachetools
 
 gpu-wheels:
 	rm -rf $(GPU_WHEELS)
