@@ -231,7 +231,7 @@ def test_an_operators_step_cap_is_enforced_stated_and_caps_the_default(capped):
     assert {"type": "integer", "minimum": 1, "maximum": 3}.items() <= props["steps"]["anyOf"][0].items()
 
 
-# every status each route answers, as the document lists it (tests/server/test_openapi_conformance.py checks
+# every status each route answers, as the document lists it (tests/serving/test_openapi_conformance.py checks
 # the live server against the document)
 STATUSES = {
     ("/generate", "post"): {"200", "400", "404", "422", "429", "503"},

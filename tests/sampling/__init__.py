@@ -1,0 +1,1 @@
+"""Tests of distillery.sampling: the sampler, the pipeline and its two modes."""
