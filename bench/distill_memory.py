@@ -38,7 +38,7 @@ def _unet(scale: str, quick: bool):
 
 def _step(config: str, scale: str, quick: bool) -> int:
     """One training step of `config`; returns the process's peak RSS in bytes."""
-    from distillery.distill.guidance_distill import (
+    from distillery.distill.methods.guidance import (
         GuidanceDistillConfig,
         attach_projection,
         attach_student,

@@ -131,8 +131,8 @@ def to_plan(plan: Plan, module):
 
 def with_peft_adapters(plan: Plan, stock, folders: dict[str, Path]):
     """A copy of the stock UNet with each folder loaded as a peft adapter through diffusers' load_lora_adapter
-    (distillery.distill.student's loader: every layer, attention ones included), checked layer by layer."""
-    from distillery.distill.student import load_adapter_into
+    (distillery.distill.training.student's loader: every layer, attention ones included), checked layer by layer."""
+    from distillery.distill.training.student import load_adapter_into
 
     unet = copy.deepcopy(stock)
     for name, folder in folders.items():

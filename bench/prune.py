@@ -1,10 +1,10 @@
 """prune: what block pruning saves and costs, per level, and every lever at once.
 
-Per level (suffix _l1, _l2; the recipes in distillery/distill/pruning.py `level_spec`), on the toy:
+Per level (suffix _l1, _l2; the recipes in distillery/distill/methods/pruned_unet.py `level_spec`), on the toy:
 params_ratio = pruned / full UNet parameters; latency_ratio = one UNet evaluation (batch 1; _b2:
 the CFG batch of 2), interleaved medians; alignment_gap = align(full) - align(pruned) and fid_ratio
 = FID(pruned) / FID(full), both at 25-step CFG at the model's default w, the same prompts and seeds
-(FID with the oracle's features, distillery/distill/fid.py). On the random-weight SD-1.5-shaped
+(FID with the oracle's features, distillery/distill/evaluation/fid.py). On the random-weight SD-1.5-shaped
 UNet (64x64 latents), the same recipe: params_ratio_sd15_l*, latency_ratio_sd15_l*.
 
 Every lever at once, whole images (text encoding + denoising + decoding), interleaved in one run:
@@ -21,9 +21,9 @@ import torch
 
 from bench.common import interleaved_medians
 from distillery.adapters import AdapterRegistry
-from distillery.distill.evaluate import alignment_of, eval_images
-from distillery.distill.fid import FidReference
-from distillery.distill.pruning import level_spec, parameter_count, prune_unet
+from distillery.distill.evaluation.alignment import alignment_of, eval_images
+from distillery.distill.evaluation.fid import FidReference
+from distillery.distill.methods.pruned_unet import level_spec, parameter_count, prune_unet
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL, MODELS_DIR
 from distillery.sampling.pipeline import generate

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import GUIDANCE_ADAPTER
-from distillery.distill.toy_data import COLOURS, SHAPES
+from distillery.distill.toy.data import COLOURS, SHAPES
 from distillery.testing.launch import serve_subprocess
 
 SCHEDULERS = ("ddim", "euler", "dpm")

@@ -1,6 +1,6 @@
 """steps_quality: what few steps cost in quality, with and without step distillation.
 
-Oracle alignment and FID (the oracle's features, distillery/distill/fid.py) at the model's
+Oracle alignment and FID (the oracle's features, distillery/distill/evaluation/fid.py) at the model's
 default w, the same prompts and seeds for every sampler: the CFG teacher at 25 DDIM steps; the
 teacher with plain DDIM at 1, 2, 4, 8 steps (no distillation); the consistency adapter (LCM
 scheduler) at 1, 2, 4, 8; each progressive adapter at the step count it was trained for.
@@ -13,9 +13,9 @@ absolute difference). Held-out colour-shape pairs at 4 steps.
 from __future__ import annotations
 
 from bench.common import CONSISTENCY_ADAPTER, progressive_adapters, toy_with_adapters
-from distillery.distill.evaluate import alignment_of, eval_images
-from distillery.distill.fid import FidReference
-from distillery.distill.toy_data import HELDOUT_COMBOS, TRAIN_COMBOS
+from distillery.distill.evaluation.alignment import alignment_of, eval_images
+from distillery.distill.evaluation.fid import FidReference
+from distillery.distill.toy.data import HELDOUT_COMBOS, TRAIN_COMBOS
 
 STEP_COUNTS = (1, 2, 4, 8)
 W_CONTROL = (0, 1, 2, 3)

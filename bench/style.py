@@ -1,6 +1,6 @@
 """style: the stripes style LoRA composed with each distilled adapter, at the distilled adapter's steps.
 
-style_strength (distillery/distill/style.py): 0 = plain images (the CFG teacher at 25 steps),
+style_strength (distillery/distill/methods/style.py): 0 = plain images (the CFG teacher at 25 steps),
 1 = the style alone at 25-step CFG. For each distilled adapter (guidance at 25 steps, consistency
 at 4, each progressive adapter at its steps), composed with the style at weight 1:
 style_strength_<who> and style_alignment_gap_<who> = alignment of the style alone at 25-step
@@ -10,8 +10,8 @@ CFG minus alignment of the composition; the distilled adapter alone for referenc
 from __future__ import annotations
 
 from bench.common import CONSISTENCY_ADAPTER, GUIDANCE_ADAPTER, STYLE_ADAPTER, progressive_adapters, toy_with_adapters
-from distillery.distill.evaluate import alignment_of, eval_images
-from distillery.distill.style import stripe_score, style_strength
+from distillery.distill.evaluation.alignment import alignment_of, eval_images
+from distillery.distill.methods.style import stripe_score, style_strength
 
 
 def run(quick: bool = False) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from distillery.distill.evaluate import alignment
-from distillery.distill.toy_data import HELDOUT_COMBOS
+from distillery.distill.evaluation.alignment import alignment
+from distillery.distill.toy.data import HELDOUT_COMBOS
 from distillery.model import DEFAULTS_FILE, DiffusionModel
 from distillery.paths import EMBEDDED_MODEL
 

@@ -55,7 +55,7 @@ def _generate(args) -> int:
 
 
 def _train_oracle(args) -> int:
-    from distillery.distill.oracle import train_oracle
+    from distillery.distill.toy.oracle import train_oracle
 
     train_oracle()
     return 0
@@ -65,7 +65,7 @@ def _training(module: str, config: str, function: str):
     """A training command's run function: `function(config(**options))`, imported when the command runs."""
 
     def run(args) -> int:
-        from distillery.distill.pruning import PruneSpecError
+        from distillery.distill.methods.pruned_unet import PruneSpecError
 
         mod = importlib.import_module(module)
         config_cls = getattr(mod, config)
@@ -101,18 +101,18 @@ def _serve(args) -> int:
 
 
 TRAINING = {  # command -> (module, config class, function, help): imported only when that command runs
-    "train-toy": ("distillery.distill.train_toy", "ToyTrainConfig", "train_toy",
+    "train-toy": ("distillery.distill.toy.train", "ToyTrainConfig", "train_toy",
                   "train the embedded toy model (VAE, then UNet + text encoder)"),
-    "distill-guidance": ("distillery.distill.guidance_distill", "GuidanceDistillConfig", "distill_guidance",
+    "distill-guidance": ("distillery.distill.methods.guidance", "GuidanceDistillConfig", "distill_guidance",
                          "guidance distillation: LoRA + w projection over the shared base"),
-    "distill-consistency": ("distillery.distill.consistency_distill", "ConsistencyDistillConfig",
+    "distill-consistency": ("distillery.distill.methods.consistency", "ConsistencyDistillConfig",
                             "distill_consistency",
                             "consistency distillation (LCM-LoRA, w kept an input) over the shared base"),
-    "distill-progressive": ("distillery.distill.progressive_distill", "ProgressiveDistillConfig",
+    "distill-progressive": ("distillery.distill.methods.progressive", "ProgressiveDistillConfig",
                             "distill_progressive", "progressive distillation: halve the guidance adapter's steps"),
-    "train-style": ("distillery.distill.style", "StyleTrainConfig", "train_style",
+    "train-style": ("distillery.distill.methods.style", "StyleTrainConfig", "train_style",
                     "train the toy's style LoRA (stripes) over the shared base"),
-    "prune": ("distillery.distill.prune_distill", "PruneConfig", "prune",
+    "prune": ("distillery.distill.methods.prune", "PruneConfig", "prune",
               "block pruning + layer-level KD: a smaller base model folder (--level 1|2, or --level 0 --drop ...)"),
 }
 

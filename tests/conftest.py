@@ -25,13 +25,13 @@ def random_toy_folder(tmp_path_factory):
     """The toy architecture with random weights: for mechanics that need no trained model."""
     from diffusers import StableDiffusionPipeline
 
-    from distillery.distill import toy_model
+    from distillery.distill.toy import architecture
 
     torch.manual_seed(0)
-    tokenizer = toy_model.build_tokenizer()
+    tokenizer = architecture.build_tokenizer()
     pipe = StableDiffusionPipeline(
-        vae=toy_model.build_vae(), text_encoder=toy_model.build_text_encoder(len(tokenizer)), tokenizer=tokenizer,
-        unet=toy_model.build_unet(), scheduler=toy_model.build_scheduler(), safety_checker=None,
+        vae=architecture.build_vae(), text_encoder=architecture.build_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+        unet=architecture.build_unet(), scheduler=architecture.build_scheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("random_toy")
     pipe.save_pretrained(folder)

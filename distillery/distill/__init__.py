@@ -1,1 +1,2 @@
-"""Offline distillation: toy data and model, the oracle, the distillers, evaluation."""
+"""Offline distillation, by role: toy/ (the toy world), training/ (the shared loop), methods/ (one module
+per method), evaluation/ (alignment, FID)."""

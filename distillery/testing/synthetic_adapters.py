@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distillery.adapters import LORA_FILE, META_FILE, PROJECTION_FILE, AdapterMeta
-from distillery.distill.guidance_distill import DEFAULT_TARGETS
+from distillery.distill.methods.guidance import DEFAULT_TARGETS
 from distillery.sampling.guidance import EMBEDDING_DIM
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from distillery.distill.data import ImageCaptionFolder, image_caption_loader
+from distillery.distill.training.image_captions import ImageCaptionFolder, image_caption_loader
 
 
 def _folder(tmp_path, entries):

@@ -2,9 +2,9 @@
 
 from PIL import ImageFilter
 
-from distillery.distill.fid import FLOOR_SEED, FidReference, renders
-from distillery.distill.style import stripe_score, style_strength
-from distillery.distill.toy_data import sample
+from distillery.distill.evaluation.fid import FLOOR_SEED, FidReference, renders
+from distillery.distill.methods.style import stripe_score, style_strength
+from distillery.distill.toy.data import sample
 
 
 def test_fid_sees_a_one_pixel_blur_that_alignment_cannot():

@@ -8,8 +8,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from distillery.adapters import LORA_FILE, AdapterError, AdapterRegistry
-from distillery.distill import toy_model
-from distillery.distill.guidance_distill import GuidanceDistillConfig, attach_student, distill_guidance
+from distillery.distill.methods.guidance import GuidanceDistillConfig, attach_student, distill_guidance
+from distillery.distill.toy import architecture
 from distillery.model import DiffusionModel, unet_fingerprint
 from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.pipeline import generate
@@ -139,7 +139,7 @@ def test_served_adapter_equals_the_peft_student_it_was_trained_as(trained_adapte
 def test_adapter_for_another_base_is_refused_and_nothing_is_loaded(trained_adapter, random_toy_folder):
     model = DiffusionModel.from_pretrained(random_toy_folder)
     torch.manual_seed(1)
-    model.unet.load_state_dict(toy_model.build_unet().state_dict())  # same shapes, other weights
+    model.unet.load_state_dict(architecture.build_unet().state_dict())  # same shapes, other weights
     model.fingerprint = unet_fingerprint(model.unet)
     registry = AdapterRegistry(model)
     with pytest.raises(AdapterError, match="trained on base model"):

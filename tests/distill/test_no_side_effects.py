@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from distillery.distill.evaluate import alignment
-from distillery.distill.train_toy import ToyTrainConfig, train_toy
+from distillery.distill.evaluation.alignment import alignment
+from distillery.distill.toy.train import ToyTrainConfig, train_toy
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_MODEL
 from distillery.sampling.pipeline import generate
@@ -44,7 +44,7 @@ def test_a_tiny_train_toy_run_with_an_evaluation_writes_a_folder_stock_diffusers
 
 def test_a_tiny_distill_guidance_run_leaves_its_base_folder_and_loads_in_stock_diffusers(random_toy_folder, tmp_path,
                                                                                        caplog):
-    from distillery.distill.guidance_distill import GuidanceDistillConfig, distill_guidance
+    from distillery.distill.methods.guidance import GuidanceDistillConfig, distill_guidance
 
     base_fingerprint = DiffusionModel.from_pretrained(random_toy_folder).fingerprint
     out = distill_guidance(GuidanceDistillConfig(model=str(random_toy_folder), data="toy:16", out=str(tmp_path / "a"),

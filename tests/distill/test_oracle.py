@@ -1,7 +1,7 @@
 """The oracle is a measuring instrument: validate it on fresh ground-truth renders."""
 
-from distillery.distill.oracle import ALL_COMBOS, load_oracle
-from distillery.distill.toy_data import sample
+from distillery.distill.toy.data import sample
+from distillery.distill.toy.oracle import ALL_COMBOS, load_oracle
 
 
 def test_oracle_is_at_least_98_percent_right_on_1000_ground_truth_images():

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from distillery.adapters import LORA_FILE, AdapterError, AdapterRegistry
 from distillery.cli import main
-from distillery.distill.guidance_distill import GuidanceDistillConfig, distill_guidance
-from distillery.distill.prune_distill import PRUNING_FILE, BlockOutputs, PruneConfig, prune
-from distillery.distill.pruning import PruneSpecError, level_spec, parameter_count, plan_pruning, prune_unet
+from distillery.distill.methods.guidance import GuidanceDistillConfig, distill_guidance
+from distillery.distill.methods.prune import PRUNING_FILE, BlockOutputs, PruneConfig, prune
+from distillery.distill.methods.pruned_unet import PruneSpecError, level_spec, parameter_count, plan_pruning, prune_unet
 from distillery.model import DiffusionModel, unet_fingerprint
 from distillery.sampling.pipeline import generate
 from distillery.testing.sd15 import sd15_unet

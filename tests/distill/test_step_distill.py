@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from distillery.adapters import LORA_FILE, PROJECTION_FILE, AdapterRegistry
 from distillery.adapters.keys import unet_lora_pairs
-from distillery.distill.consistency_distill import ConsistencyDistillConfig, boundary_scalings, distill_consistency
-from distillery.distill.progressive_distill import ProgressiveDistillConfig, distill_progressive, two_step_grid
-from distillery.distill.student import load_adapter_into
+from distillery.distill.methods.consistency import ConsistencyDistillConfig, boundary_scalings, distill_consistency
+from distillery.distill.methods.progressive import ProgressiveDistillConfig, distill_progressive, two_step_grid
+from distillery.distill.training.student import load_adapter_into
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.pipeline import generate

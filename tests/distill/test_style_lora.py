@@ -3,9 +3,9 @@
 import json
 
 from distillery.adapters import AdapterRegistry
-from distillery.distill.data import image_caption_loader
-from distillery.distill.style import StyleTrainConfig, train_style
-from distillery.distill.toy_data import sample
+from distillery.distill.methods.style import StyleTrainConfig, train_style
+from distillery.distill.toy.data import sample
+from distillery.distill.training.image_captions import image_caption_loader
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_MODEL
 

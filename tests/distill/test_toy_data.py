@@ -1,6 +1,6 @@
 import numpy as np
 
-from distillery.distill.toy_data import COLOURS, HELDOUT_COMBOS, SHAPES, TRAIN_COMBOS, eval_prompts, sample
+from distillery.distill.toy.data import COLOURS, HELDOUT_COMBOS, SHAPES, TRAIN_COMBOS, eval_prompts, sample
 
 
 def test_samples_are_deterministic_per_seed():

@@ -14,7 +14,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from distillery.distill.oracle import load_oracle
+from distillery.distill.toy.oracle import load_oracle
 from distillery.serving.config import Settings
 from distillery.testing.launch import serve_subprocess
 

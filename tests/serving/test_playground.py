@@ -115,7 +115,7 @@ def _error_text(driver) -> str:
 def test_prompt_to_image_with_live_progress(server_url, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from distillery.distill.oracle import load_oracle
+    from distillery.distill.toy.oracle import load_oracle
 
     driver = browser
     _open(driver, server_url)
@@ -161,7 +161,7 @@ def test_adapter_checkbox_and_random_seed(server_url, browser, tmp_path):
     server, shown, and 'use' puts it in the seed field."""
     from selenium.webdriver.common.by import By
 
-    from distillery.distill.oracle import load_oracle
+    from distillery.distill.toy.oracle import load_oracle
 
     driver = browser
     _open(driver, server_url)

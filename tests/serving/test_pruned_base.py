@@ -9,8 +9,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from distillery.distill.evaluate import alignment_of
-from distillery.distill.toy_data import eval_prompts
+from distillery.distill.evaluation.alignment import alignment_of
+from distillery.distill.toy.data import eval_prompts
 from distillery.paths import MODELS_DIR
 from distillery.testing.launch import serve_subprocess
 

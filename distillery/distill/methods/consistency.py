@@ -21,10 +21,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from distillery.adapters import save_adapter
-from distillery.distill.ddim import ddim_step, x0_from_eps
-from distillery.distill.guidance_distill import attach_student, cfg_teacher_eps
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
-from distillery.distill.student import start_from
+from distillery.distill.methods.guidance import attach_student, cfg_teacher_eps
+from distillery.distill.training.ddim import ddim_step, x0_from_eps
+from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
+from distillery.distill.training.student import start_from
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
 

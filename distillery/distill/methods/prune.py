@@ -1,7 +1,7 @@
 """Block pruning with layer-level knowledge distillation: a smaller base, trained against the full one.
 
 BK-SDM (Kim et al. 2023, arXiv 2305.15798): the student is the teacher with blocks removed
-(`pruning.py`), initialised with the teacher's remaining weights, and trained on
+(`pruned_unet.py`), initialised with the teacher's remaining weights, and trained on
     task_weight * MSE(eps_s, target) + output_weight * MSE(eps_s, eps_t) + feature_weight * sum MSE(f_s, f_t)
 with the features at the outputs of every down and up block (and the mid block when the student
 keeps it), as SSD-1B / Segmind-Vega (arXiv 2401.02677) do. Weights 1.0 as BK-SDM; SSD-1B uses 0.5 for
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from distillery.distill.loop import Batch, TrainConfig, make_accelerator, train_student
-from distillery.distill.pruning import level_spec, parameter_count, plan_pruning, prune_unet
+from distillery.distill.methods.pruned_unet import level_spec, parameter_count, plan_pruning, prune_unet
+from distillery.distill.training.loop import Batch, TrainConfig, make_accelerator, train_student
 from distillery.model import DiffusionModel, unet_fingerprint
 
 PRUNING_FILE = "pruning.json"  # in the pruned folder: what was dropped, from which base, the training run

@@ -22,8 +22,8 @@ from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
 from distillery.adapters import W_CONDITIONED, AdapterMeta
-from distillery.distill.data import image_caption_loader
-from distillery.distill.training import Progress, batches, checkpoint, keep_trainable_in_checkpoints, resume
+from distillery.distill.training.checkpoints import Progress, batches, checkpoint, keep_trainable_in_checkpoints, resume
+from distillery.distill.training.image_captions import image_caption_loader
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM
 

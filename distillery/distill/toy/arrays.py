@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from distillery.distill.toy_data import TRAIN_COMBOS, sample
+from distillery.distill.toy.data import TRAIN_COMBOS, sample
 
 
 def toy_arrays(n: int, cache_dir: Path, first_seed: int = 0, combos=TRAIN_COMBOS, stripes: bool = False

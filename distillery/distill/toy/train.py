@@ -1,6 +1,6 @@
 """Train the embedded toy text-to-image model from scratch, on CPU.
 
-Two stages, each resumable from its checkpoint under --work (distill/training.py):
+Two stages, each resumable from its checkpoint under --work (distill/training/checkpoints.py):
   vae:  AutoencoderKL on toy images (reconstruction + small KL), then the latent
         scaling factor is set from the data (SD's 0.18215 is the same idea).
   unet: UNet2DConditionModel + CLIP text encoder, epsilon prediction on cached VAE
@@ -25,9 +25,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
-from distillery.distill import toy_model
-from distillery.distill.toy_dataset import to_model_range, toy_arrays
-from distillery.distill.training import Progress, checkpoint, resume
+from distillery.distill.toy import architecture
+from distillery.distill.toy.arrays import to_model_range, toy_arrays
+from distillery.distill.training.checkpoints import Progress, checkpoint, resume
 from distillery.model import DiffusionModel
 
 
@@ -62,7 +62,7 @@ def train_vae(cfg: ToyTrainConfig) -> AutoencoderKL:
     torch.manual_seed(cfg.seed)
     data = toy_arrays(cfg.n_images, work)
     accelerator = Accelerator()
-    vae = toy_model.build_vae()
+    vae = architecture.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=cfg.vae_steps)
     vae, opt = accelerator.prepare(vae, opt)
@@ -111,15 +111,15 @@ def _encode_dataset(vae: AutoencoderKL, tokenizer, data: dict, batch: int = 512)
 
 
 def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
-    from distillery.distill.evaluate import alignment  # the oracle is only needed for tracking
+    from distillery.distill.evaluation.alignment import alignment  # the oracle is only needed for tracking
 
     work = Path(cfg.work)
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)
-    tokenizer = toy_model.build_tokenizer()
-    text_encoder = toy_model.build_text_encoder(len(tokenizer))
-    unet = toy_model.build_unet()
-    scheduler = toy_model.build_scheduler()
+    tokenizer = architecture.build_tokenizer()
+    text_encoder = architecture.build_text_encoder(len(tokenizer))
+    unet = architecture.build_unet()
+    scheduler = architecture.build_scheduler()
     trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = EMAModel(trained.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
@@ -178,7 +178,7 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
     ema.copy_to(trained.parameters())
     out = Path(cfg.out)
     _pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(out)
-    toy_model.save_tokenizer(tokenizer, out / "tokenizer")
+    architecture.save_tokenizer(tokenizer, out / "tokenizer")
     (out / "training.json").write_text(json.dumps({"config": asdict(cfg), "history": progress.history}, indent=1))
     print(f"saved toy model to {out}")
 

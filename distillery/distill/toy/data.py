@@ -76,7 +76,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 def render(colour: str, shape: str, size: str, background: str, rng: np.random.Generator,
            stripes: bool = False) -> Image.Image:
     """Draw one shape; position and exact size come from `rng`. `stripes`: the style LoRA's look, dark
-    horizontal bands across the shape (fixed rows: a pixel metric finds them, see distill/style.py)."""
+    horizontal bands across the shape (fixed rows: a pixel metric finds them, see distill/methods/style.py)."""
     r = rng.uniform(*SIZES[size])
     margin = r + 1.5
     cx, cy = rng.uniform(margin, IMAGE_SIZE - margin, size=2)

@@ -15,8 +15,8 @@ from PIL import Image
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from distillery.distill.oracle import load_oracle
-from distillery.distill.toy_data import TRAIN_COMBOS, sample
+from distillery.distill.toy.data import TRAIN_COMBOS, sample
+from distillery.distill.toy.oracle import load_oracle
 
 REFERENCE_SEED = 20_000_000  # renders for the reference set
 FLOOR_SEED = 21_000_000  # another set of renders: the floor

@@ -23,9 +23,9 @@ from diffusers import DDIMScheduler
 
 from distillery.adapters import save_adapter
 from distillery.adapters.files import META_FILE
-from distillery.distill.ddim import ddim_step, x0_from_eps
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
-from distillery.distill.student import load_adapter_into
+from distillery.distill.training.ddim import ddim_step, x0_from_eps
+from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
+from distillery.distill.training.student import load_adapter_into
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
 

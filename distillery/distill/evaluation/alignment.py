@@ -7,8 +7,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from distillery.distill.oracle import load_oracle
-from distillery.distill.toy_data import TRAIN_COMBOS, eval_prompts
+from distillery.distill.toy.data import TRAIN_COMBOS, eval_prompts
+from distillery.distill.toy.oracle import load_oracle
 from distillery.model import DiffusionModel
 from distillery.sampling.pipeline import generate
 

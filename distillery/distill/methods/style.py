@@ -22,9 +22,9 @@ from peft import LoraConfig
 from PIL import Image
 
 from distillery.adapters import save_adapter
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
-from distillery.distill.student import start_from
-from distillery.distill.toy_data import IMAGE_SIZE, STRIPE_PERIOD
+from distillery.distill.toy.data import IMAGE_SIZE, STRIPE_PERIOD
+from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
+from distillery.distill.training.student import start_from
 from distillery.model import DiffusionModel
 
 ADAPTER_NAME = "style"

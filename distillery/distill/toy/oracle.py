@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from distillery.distill.toy_data import COLOURS, SHAPES
-from distillery.distill.toy_dataset import to_model_range, toy_arrays
+from distillery.distill.toy.arrays import to_model_range, toy_arrays
+from distillery.distill.toy.data import COLOURS, SHAPES
 from distillery.paths import ORACLE_FILE
 
 ALL_COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)

@@ -20,8 +20,8 @@ from peft import LoraConfig
 from torch import nn
 
 from distillery.adapters import save_adapter
-from distillery.distill.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
-from distillery.distill.student import start_from
+from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
+from distillery.distill.training.student import start_from
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 

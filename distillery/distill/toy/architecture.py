@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from distillery.distill.toy_data import BACKGROUNDS, IMAGE_SIZE, SHAPES, SIZES
+from distillery.distill.toy.data import BACKGROUNDS, IMAGE_SIZE, SHAPES, SIZES
 
 MAX_TOKENS = 16  # longest caption is 10 tokens with BOS/EOS
 TEXT_DIM = 64

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from distillery.distill.toy_dataset import to_model_range, toy_arrays
+from distillery.distill.toy.arrays import to_model_range, toy_arrays
 
 
 class ToyImages(Dataset):

@@ -1,0 +1,1 @@
+"""The distillation methods, one module each (guidance, consistency, progressive, pruning, style)."""
