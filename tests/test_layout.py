@@ -11,12 +11,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "distillery"
 # Which rooms each room may import (a leaf module is a room of its own). `cli` and `testing` sit above all.
 MAY_IMPORT = {
     "paths": set(),
+    "atomic": set(),
     "kernels": set(),
     "model": set(),
-    "adapters": {"kernels", "model"},
+    "adapters": {"atomic", "kernels", "model"},
     "sampling": {"adapters", "kernels", "model"},
     "serving": {"adapters", "kernels", "model", "paths", "sampling"},
-    "distill": {"adapters", "model", "paths", "sampling"},
+    "distill": {"adapters", "atomic", "model", "paths", "sampling"},
 }
 TRAINING_ONLY = {"accelerate", "peft", "torchmetrics"}  # third-party libraries only the distillers need
 

@@ -67,19 +67,21 @@ class AdapterMeta:
 
 
 def save_adapter(folder: Path, unet, adapter_name: str, meta: AdapterMeta, projection: nn.Linear | None) -> None:
-    """Write a peft-wrapped UNet's adapter `adapter_name` (diffusers' own LoRA writer) and its metadata."""
+    """Write a peft-wrapped UNet's adapter `adapter_name` (diffusers' own LoRA writer) and its metadata as
+    `folder`, replacing any earlier one whole."""
     from diffusers import StableDiffusionPipeline  # the writers: distillers only, not the server's start-up
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from distillery.atomic import atomic_folder
+
     lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers={k: v.detach().float().contiguous() for k, v in lora.items()},
-                                              safe_serialization=True)
-    if projection is not None:
-        save_file({"weight": projection.weight.detach().float().contiguous()}, str(folder / PROJECTION_FILE))
-    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=1) + "\n")
+    with atomic_folder(folder) as staging:  # a server scanning the root sees the old adapter or the new, never half
+        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers={k: v.detach().float().contiguous() for k, v in lora.items()},
+                                                  safe_serialization=True)
+        if projection is not None:
+            save_file({"weight": projection.weight.detach().float().contiguous()}, str(staging / PROJECTION_FILE))
+        (staging / META_FILE).write_text(json.dumps(asdict(meta), indent=1) + "\n")
 
 
 @dataclass

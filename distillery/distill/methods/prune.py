@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from distillery.atomic import atomic_folder
 from distillery.distill.methods.pruned_unet import level_spec, parameter_count, plan_pruning, prune_unet
 from distillery.distill.training.loop import Batch, TrainConfig, make_accelerator, train_student
 from distillery.model import DiffusionModel, unet_fingerprint
@@ -119,14 +120,15 @@ def prune(cfg: PruneConfig) -> Path:
 
 
 def save_pruned(base: Path, out: Path, unet, record: dict) -> None:
-    """A diffusers folder: the pruned UNet, the base's other parts copied beside it, and `pruning.json`."""
-    out.mkdir(parents=True, exist_ok=True)
-    for part in SHARED_PARTS:
-        source = base / part
-        if source.is_dir():
-            shutil.copytree(source, out / part, dirs_exist_ok=True)
-        elif source.exists():
-            shutil.copy2(source, out / part)
-    unet.save_pretrained(out / "unet")
-    record["fingerprint"] = unet_fingerprint(unet)
-    (out / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    """A diffusers folder: the pruned UNet, the base's other parts copied beside it, and `pruning.json`;
+    written whole, replacing any earlier `out`."""
+    with atomic_folder(out) as staging:
+        for part in SHARED_PARTS:
+            source = base / part
+            if source.is_dir():
+                shutil.copytree(source, staging / part)
+            elif source.exists():
+                shutil.copy2(source, staging / part)
+        unet.save_pretrained(staging / "unet")
+        record["fingerprint"] = unet_fingerprint(unet)
+        (staging / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from distillery.atomic import atomic_file
 from distillery.distill.toy.data import TRAIN_COMBOS, sample
 
 
@@ -26,8 +27,8 @@ def toy_arrays(n: int, cache_dir: Path, first_seed: int = 0, combos=TRAIN_COMBOS
         colours.append(s.colour)
         shapes.append(s.shape)
     arrays = {"images": images, "captions": np.array(captions), "colours": np.array(colours), "shapes": np.array(shapes)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a killed render leaves no torn cache behind
+        np.savez(f, **arrays)
     return arrays
 
 

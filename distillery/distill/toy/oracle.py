@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from distillery.atomic import atomic_file
 from distillery.distill.toy.arrays import to_model_range, toy_arrays
 from distillery.distill.toy.data import COLOURS, SHAPES
 from distillery.paths import ORACLE_FILE
@@ -81,6 +82,6 @@ def train_oracle(out: Path = ORACLE_FILE, n: int = 30_000, steps: int = 1500, ba
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(out))
+    with atomic_file(out) as tmp:
+        save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(tmp))
     return oracle.eval()

@@ -25,6 +25,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
+from distillery.atomic import atomic_folder
 from distillery.distill.toy import architecture
 from distillery.distill.toy.arrays import to_model_range, toy_arrays
 from distillery.distill.training.checkpoints import Progress, checkpoint, resume
@@ -87,13 +88,14 @@ def train_vae(cfg: ToyTrainConfig) -> AutoencoderKL:
         bar.update(1)
         bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
         if progress.step % cfg.checkpoint_every == 0:
-            checkpoint(accelerator, work / "vae_run")
+            checkpoint(accelerator, work / "vae_run", progress.step)
     vae = accelerator.unwrap_model(vae).eval()
     with torch.no_grad():  # unit-variance latents, as SD's scaling factor gives
         x = torch.from_numpy(to_model_range(data["images"][:2048]))
         std = vae.encode(x).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    vae.save_pretrained(final)
+    with atomic_folder(final) as staging:  # its config.json is what a rerun takes for "the VAE is trained"
+        vae.save_pretrained(staging)
     print(f"vae: scaling_factor {1.0 / std:.4f}")
     return vae
 
@@ -173,13 +175,15 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
             progress.history.append({"step": done, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **scores})
             tqdm.write(f"step {done}: alignment {scores}")
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
-            checkpoint(accelerator, work / "unet_run")
+            checkpoint(accelerator, work / "unet_run", progress.step)
 
     ema.copy_to(trained.parameters())
     out = Path(cfg.out)
-    _pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(out)
-    architecture.save_tokenizer(tokenizer, out / "tokenizer")
-    (out / "training.json").write_text(json.dumps({"config": asdict(cfg), "history": progress.history}, indent=1))
+    with atomic_folder(out) as staging:  # replaced whole: a server never loads half a model
+        _pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(staging)
+        architecture.save_tokenizer(tokenizer, staging / "tokenizer")
+        (staging / "training.json").write_text(json.dumps({"config": asdict(cfg), "history": progress.history},
+                                                          indent=1))
     print(f"saved toy model to {out}")
 
 

@@ -119,7 +119,7 @@ def train_student(accelerator: Accelerator, cfg: TrainConfig, model: DiffusionMo
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.5f}")
             if progress.step % cfg.checkpoint_every == 0:
-                checkpoint(accelerator, Path(cfg.work))
+                checkpoint(accelerator, Path(cfg.work), progress.step)
     bar.close()
     accelerator.wait_for_everyone()
     # Every rank reports what it holds: under data parallelism the adapters must be identical.
