@@ -13,6 +13,7 @@ from distillery.paths import EMBEDDED_MODEL
 
 
 def _generate(args) -> int:
+    """One image as the server would make it: the request schema, then the sampling plan, then the pipeline."""
     from pydantic import ValidationError
 
     from distillery.serving.schemas import GenerateRequest, describe_errors
@@ -25,9 +26,12 @@ def _generate(args) -> int:
             print(f"error: {e['message']}; got {e['input']!r}", file=sys.stderr)
         return 2
 
-    from distillery.adapters import AdapterError, AdapterRegistry, check_guidance, sampling_for
+    from distillery.adapters import AdapterError, AdapterRegistry
     from distillery.model import DiffusionModel
     from distillery.sampling.pipeline import generate
+    from distillery.sampling.plan import Ask, ModelLimits, PlanRefused, plan_sampling
+    from distillery.serving.config import get_settings
+    from distillery.serving.jobs import random_seed
 
     model = DiffusionModel.from_pretrained(args.model)
     adapters, registry = (), None
@@ -36,21 +40,18 @@ def _generate(args) -> int:
             registry = AdapterRegistry(model)  # serving an adapter: install the serving layers
             adapter = registry.load(Path(args.adapter).name, args.adapter)
             adapters = ((adapter, 1.0),)
-        guidance = req.guidance if req.guidance is not None else model.defaults.get("guidance", 0.0)
-        check_guidance(adapters, guidance)
-        scheduler, steps = sampling_for(adapters, req.scheduler, req.steps, model.defaults.get("steps", 25))
-    except AdapterError as exc:
+        plan = plan_sampling(ModelLimits.of(model, get_settings().max_steps), adapters,
+                             Ask(req.guidance, req.steps, req.scheduler))
+    except (AdapterError, PlanRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from distillery.serving.jobs import random_seed
-
     seed = random_seed() if req.seed is None else req.seed
-    out = generate(model, [req.prompt], [seed], guidance, steps, scheduler=scheduler, adapters=adapters,
+    out = generate(model, [req.prompt], [seed], plan.guidance, plan.steps, scheduler=plan.scheduler, adapters=adapters,
                    registry=registry)
     out.images[0].save(args.output)
     ms = ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings_ms.items())
-    print(f"wrote {args.output} ({out.mode}: w={guidance}, {scheduler} steps={steps}, {out.unet_evaluations} UNet evaluations, "
-          f"seed={seed}; {ms})")
+    print(f"wrote {args.output} ({out.mode}: w={plan.guidance}, {plan.scheduler} steps={plan.steps}, "
+          f"{out.unet_evaluations} UNet evaluations, seed={seed}; {ms})")
     return 0
 
 
@@ -96,7 +97,12 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls) -> None:
 def _serve(args) -> int:
     import uvicorn
 
-    uvicorn.run("distillery.serving.app:create_app", factory=True, host=args.host, port=args.port)
+    from distillery.serving.config import get_settings
+
+    # The factory loads the model behind a live socket (/healthz answers meanwhile); SIGTERM drains in-flight
+    # requests for at most graceful_shutdown_s.
+    uvicorn.run("distillery.serving.app:serving_app", factory=True, host=args.host, port=args.port,
+                timeout_graceful_shutdown=get_settings().graceful_shutdown_s)
     return 0
 
 

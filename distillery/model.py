@@ -12,13 +12,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 DEFAULTS_FILE = "distillery.json"  # optional: default guidance/steps measured for this model
+IMAGES = VaeImageProcessor()  # decoded (B, 3, H, W) in [-1, 1] -> PIL, as diffusers' pipelines do
 
 
 @dataclass
@@ -65,13 +66,6 @@ class DiffusionModel:
         return self.unet.config.sample_size * self.latent_factor
 
     @property
-    def max_steps(self) -> int:
-        """Most sampling steps the scheduler config allows ("leading" spacing with an offset loses some)."""
-        c = self.scheduler_config
-        offset = c.get("steps_offset", 0) if c.get("timestep_spacing", "leading") == "leading" else 0
-        return c.get("num_train_timesteps", 1000) - offset
-
-    @property
     def size_step(self) -> int:
         """Image sizes must be multiples of this: the latent factor times the UNet's total downsampling."""
         return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -89,8 +83,7 @@ class DiffusionModel:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
-        arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
+        return IMAGES.postprocess(images.float(), output_type="pil")  # in fp32, whatever the model's dtype
 
 
 

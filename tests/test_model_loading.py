@@ -6,6 +6,7 @@ from diffusers import StableDiffusionPipeline
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_MODEL
 from distillery.sampling.pipeline import generate
+from distillery.sampling.plan import config_max_steps
 from distillery.testing.sd15 import save_sd15_folder
 
 
@@ -28,7 +29,7 @@ def test_sd15_shaped_folder_loads_and_samples_with_the_same_code(tmp_path, toy_m
     n_params = sum(p.numel() for p in model.unet.parameters())
     assert 855e6 < n_params < 865e6, n_params  # SD 1.5's UNet: 859.5M
     assert model.latent_factor == 8 and model.default_size == 512
-    assert model.max_steps == 999 and toy_model.max_steps == 1000  # SD's "leading" spacing with offset 1
+    assert config_max_steps(model.scheduler_config) == 999 and config_max_steps(toy_model.scheduler_config) == 1000  # SD's "leading" spacing with offset 1
     assert model.unet.config.cross_attention_dim == 768 == model.text_encoder.config.hidden_size
     out = generate(model, ["a red circle"], [0], 2.0, steps=1, scheduler="ddim", height=64, width=64)
     assert out.images[0].size == (64, 64)

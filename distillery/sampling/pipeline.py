@@ -15,33 +15,29 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from distillery.adapters import AdapterRegistry, AdapterSet, default_scheduler, guidance_adapter, set_key
+from distillery.adapters import AdapterRegistry, AdapterSet, set_key
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
+from distillery.sampling.plan import Ask, ModelLimits, SamplingPlan, plan_sampling
 from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler, step_noise
 
 
 @dataclass
 class Denoising:
-    """One image in flight: its sampler, its adapters, its clocks."""
+    """One image in flight: its plan, its sampler, its adapters, its clocks."""
 
+    plan: SamplingPlan
     sampler: GuidedSampler
     adapters: AdapterSet
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
-        return "cfg" if self.sampler.cfg else "single-eval"
+        return self.plan.mode
 
     @property
     def unet_evaluations(self) -> int:
-        return self.sampler.n_rows * len(self.sampler.timesteps)
-
-
-def prompts_of(prompt: str, adapters: AdapterSet, negative_prompt: str = "") -> list[str]:
-    """What a request encodes: its prompt alone (single-eval, a guidance-distilled adapter in the set) or
-    with the unconditional branch's prompt (CFG)."""
-    return [prompt] if guidance_adapter(adapters) is not None else [prompt, negative_prompt]
+        return self.plan.rows_per_step * len(self.sampler.timesteps)
 
 
 def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tuple[list[torch.Tensor], float]:
@@ -51,28 +47,21 @@ def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tup
     return list(text.split([len(p) for p in prompt_lists])), (time.perf_counter() - t0) * 1e3
 
 
-def start_denoising(model: DiffusionModel, prompt: str, seed: int, guidance: float, steps: int,
-                  scheduler: str | None = None, adapters: AdapterSet = (), rescale: float = 0.0,
-                  height: int | None = None, width: int | None = None, negative_prompt: str = "",
-                  encoded: tuple[torch.Tensor, float] | None = None, eta: float = 0.0) -> Denoising:
-    """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler
-    (`eta`: DDIM's, from the seed's step noise).
-
-    A w-conditioned adapter in `adapters` -> single-eval sampling, with its scheduler overrides; otherwise CFG.
-    """
-    distilled = guidance_adapter(adapters)
-    single = distilled is not None
+def start_denoising(model: DiffusionModel, prompt: str, seed: int, plan: SamplingPlan, adapters: AdapterSet = (),
+                    encoded: tuple[torch.Tensor, float] | None = None, eta: float = 0.0,
+                    rescale: float = 0.0) -> Denoising:
+    """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler the
+    plan asks for (`eta`: DDIM's, from the seed's step noise; `rescale`: CFG's std rescale)."""
     if encoded is None:
-        encoded = encode_together(model, [prompts_of(prompt, adapters, negative_prompt)])
-        encoded = encoded[0][0], encoded[1]
-    text, text_ms = encoded  # (1 or 2, T, D)
-    shape = model.latent_shape(height or model.default_size, width or model.default_size)
-    noise = initial_noise(seed, shape, model.device, model.dtype)
-    made = make_scheduler(scheduler or default_scheduler(distilled), model.scheduler_config,
-                          distilled.meta.scheduler_config if single else None)
-    sampler = GuidedSampler(made, noise, steps, guidance, cond=text[:1], uncond=None if single else text[1:],
-                            rescale=rescale, generator=step_noise(seed), eta=eta)
-    return Denoising(sampler, tuple(adapters), {"text_encode": text_ms})
+        texts, ms = encode_together(model, [plan.prompts(prompt)])
+        encoded = texts[0], ms
+    text, text_ms = encoded  # (rows_per_step, T, D)
+    noise = initial_noise(seed, model.latent_shape(plan.height, plan.width), model.device, model.dtype)
+    made = make_scheduler(plan.scheduler, model.scheduler_config, plan.scheduler_overrides)
+    sampler = GuidedSampler(made, noise, plan.steps, plan.guidance, cond=text[:1],
+                            uncond=None if plan.single_eval else text[1:], rescale=rescale,
+                            generator=step_noise(seed), eta=eta)
+    return Denoising(plan, sampler, tuple(adapters), {"text_encode": text_ms})
 
 
 @torch.no_grad()
@@ -126,10 +115,7 @@ def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents,
     if registry is None:  # a plain UNet: no serving layers, no w projection
         return model.unet(x, t, encoder_hidden_states=text).sample
     w_emb = guidance_embedding(torch.cat(guidance)).to(x.device, x.dtype)  # (rows, E)
-    if registry.slots is not None:  # the compiled UNet: adapters in slots, rows padded to a bucket
-        return registry.slots.call(x, t, text, w_emb, row_sets)
-    with registry.active(row_sets):
-        return model.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample  # (rows, C, h, w)
+    return registry.backend.eps(x, t, text, w_emb, row_sets)  # (rows, C, h, w): per-row, merged or compiled
 
 
 @torch.no_grad()
@@ -161,10 +147,11 @@ def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidan
              scheduler: str | None = None, adapters: AdapterSet = (), rescale: float = 0.0,
              height: int | None = None, width: int | None = None, registry: AdapterRegistry | None = None,
              deterministic: bool = False) -> Generated:
-    """Several prompts with the same settings, stepped together (scheduler: default the distilled adapter's,
-    else DDIM). Adapters need the `registry` they were loaded into; without adapters the model runs as it is (a model nobody serves stays untouched)."""
-    denoisings = [start_denoising(model, p, s, guidance, steps, scheduler, adapters, rescale, height, width)
-                for p, s in zip(prompts, seeds)]
+    """Several prompts with the same settings, stepped together, planned as a served request would be
+    (scheduler: default the distilled adapter's, else DDIM). Adapters need the `registry` they were loaded into;
+    without adapters the model runs as it is (a model nobody serves stays untouched)."""
+    plan = plan_sampling(ModelLimits.of(model), tuple(adapters), Ask(guidance, steps, scheduler, width, height))
+    denoisings = [start_denoising(model, p, s, plan, adapters, rescale=rescale) for p, s in zip(prompts, seeds)]
     t0 = time.perf_counter()
     while not denoisings[0].sampler.done:
         if failed := unet_step(model, registry, denoisings, deterministic):
@@ -172,4 +159,4 @@ def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidan
     denoise_ms = (time.perf_counter() - t0) * 1e3
     images = finish_denoising(model, denoisings, together=not deterministic)
     timings = {k: sum(r.timings_ms[k] for r in denoisings) for k in ("text_encode", "decode")}
-    return Generated(images, denoisings[0].unet_evaluations, denoisings[0].mode, {**timings, "denoise": denoise_ms})
+    return Generated(images, denoisings[0].unet_evaluations, plan.mode, {**timings, "denoise": denoise_ms})

@@ -33,14 +33,6 @@ def make_scheduler(name: str, config: dict, overrides: dict | None = None):
     return SCHEDULERS[name].from_config({**config, **(overrides or {})})
 
 
-def most_steps(name: str, config: dict, overrides: dict | None = None) -> int:
-    """The most steps scheduler `name` takes (LCM samples from its original_inference_steps grid)."""
-    config = {**config, **(overrides or {})}
-    if name == "lcm":
-        return int(config.get("original_inference_steps") or LCMScheduler.from_config(config).config.original_inference_steps)
-    return int(config["num_train_timesteps"])
-
-
 def initial_noise(seed: int, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
     """Noise from the request's own generator: an image depends on its seed only, never on its batch."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))).to(device=device, dtype=dtype)[None]

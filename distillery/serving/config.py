@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
+from distillery.sampling.plan import DEFAULT_MAX_COST, DEFAULT_MAX_STEPS, WEIGHT_RANGE
 
 API_KEY_ENV = "DISTILLERY_API_KEY"  # the admin routes' key (Settings.api_key)
 
@@ -37,7 +38,13 @@ class Settings(BaseSettings):
     merged_cache_bytes: int | None = None
     api_key: str | None = None  # POST/DELETE /adapters need it in X-API-Key; unset: those routes answer 403
     request_timeout_s: float = 120.0  # a request not answered by then gets 503 with Retry-After
-    max_steps: int | None = None  # operator's cap on steps per request; unset: what the scheduler allows
+    # SIGTERM: new requests get 503 while those in flight may finish for this long; then the process exits
+    graceful_shutdown_s: float = Field(default=125.0, ge=0)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger request bodies: 413, before anything parses them
+    # Work per request: steps per image (None: what the scheduler allows), and a request's UNet row-steps at the
+    # native size, all its images together (a 25-step CFG image at the native size costs 50; None: no cap)
+    max_steps: int | None = Field(default=DEFAULT_MAX_STEPS, ge=1)
+    max_request_cost: float | None = Field(default=DEFAULT_MAX_COST, gt=0)
     exit_on_worker_death: bool = True  # the engine's worker died: stop the process so the orchestrator restarts it
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     # off: the eager serving layers. inductor: torch.compile of a UNet whose adapters sit in fixed slots
@@ -57,22 +64,30 @@ class Settings(BaseSettings):
         """Each "adapter" or "adapter:weight" readable at start, not a 500 at the first request."""
         for name, refs in presets.items():
             for ref in refs:
-                adapter, _, weight = ref.partition(":")
                 try:
-                    ok = bool(adapter) and 0.0 <= float(weight or 1.0) <= 2.0
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise ValueError(f"preset {name!r}: {ref!r} is not 'adapter' or 'adapter:weight' with weight "
-                                     f"in [0, 2]")
+                    adapter_ref(ref)
+                except ValueError as exc:
+                    raise ValueError(f"preset {name!r}: {exc}") from None
         return presets
-
 
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.float16 if self.device.startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
+
+
+def adapter_ref(ref: str) -> tuple[str, float]:
+    """A preset's "adapter" or "adapter:weight" as (name, weight); ValueError naming what is allowed."""
+    adapter, _, weight = ref.partition(":")
+    try:
+        value = float(weight or 1.0)
+    except ValueError:
+        value = float("nan")
+    if not adapter or not WEIGHT_RANGE[0] <= value <= WEIGHT_RANGE[1]:
+        raise ValueError(f"{ref!r} is not 'adapter' or 'adapter:weight' with weight in [{WEIGHT_RANGE[0]:g}, "
+                         f"{WEIGHT_RANGE[1]:g}]")
+    return adapter, value
 
 
 @lru_cache

@@ -1,14 +1,14 @@
-"""The engine: owns the model, the adapters, the bounded queue, warm-up and step-level batching.
+"""The engine: owns the model, the adapters, the queue (admission.py) and the stepping (stepping.py).
 
-A single worker loop takes the requests in flight (within a budget of latent pixels per call),
-runs one step for all of them per iteration (pipeline.unet_step: one UNet call per latent shape
-in throughput mode, one per image row in deterministic mode) and admits newcomers between
-steps. Tensor work runs on one torch thread so the event loop keeps answering health checks,
-metrics and overflow (429) meanwhile. A request whose client went away or timed out is dropped
-at the next step. No request fails because of another: a failing step is retried request by
-request, and only the request that fails alone gets the error. If the worker loop itself dies,
-the engine stops being ready, answers 503, and calls `on_death` (the server exits, so the
-orchestrator restarts it).
+A single worker loop admits waiting requests between steps (within a budget of latent pixels per
+call), runs one step for all of them per iteration and answers those that finish. Tensor work runs
+on one torch thread so the event loop keeps answering health checks, metrics and overflow (429)
+meanwhile. A request whose client went away or timed out is dropped at the next step. If the worker
+loop itself dies, the engine stops being ready, answers 503, and calls `on_death` (the server exits,
+so the orchestrator restarts it).
+
+What routes may use: `submit_all`, `results`, `submit`, `planned`, `limits`, `fingerprint`, `adapters`, `load_adapter`,
+`unload_adapter`, `ready`, `metrics`. Nothing else (tests/test_layout.py checks the routes).
 """
 
 from __future__ import annotations
@@ -16,62 +16,83 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections import deque
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
-from distillery.adapters import (META_FILE, AdapterError, AdapterRegistry, AdapterSet, check_guidance, guidance_adapter,
-                                 sampling_for)
+import torch
+
+from distillery.adapters import META_FILE, AdapterError, AdapterRegistry, AdapterSet, LoadedAdapter
+from distillery.adapters.backends import SlotAdapters
 from distillery.model import DiffusionModel
-from distillery.sampling.pipeline import (encode_together, finish_denoising, generate, prompts_of, start_denoising,
-                                          unet_step)
-from distillery.sampling.sampler import most_steps
-from distillery.serving.jobs import (
-    EngineUnavailable,
-    InFlight,
-    InvalidJob,
-    Job,
-    QueueFull,
-    RequestTimeout,
-    Result,
-    on_torch_thread,
-    rows_per_step,
-)
-from distillery.serving.memory import step_peak
+from distillery.sampling.guidance import EMBEDDING_DIM
+from distillery.sampling.pipeline import finish_denoising, start_denoising, unet_step
+from distillery.sampling.plan import (DEFAULT_SCHEDULER, Ask, ModelLimits, SamplingPlan, check_cost, distilled_adapter,
+                                      plan_sampling)
+from distillery.serving.admission import Admission
+from distillery.serving.config import Settings
+from distillery.serving.jobs import (EngineUnavailable, InFlight, Job, QueueFull, RequestTimeout, Result,
+                                    on_torch_thread)
 from distillery.serving.metrics import Metrics
+from distillery.serving.stepping import Stepping, result_of
 
 log = logging.getLogger("distillery.engine")
+
+# oneDNN keeps a compiled primitive per convolution shape and batch size (1024 by default): with every size and
+# batch mix in flight that held ~100 MB more after a 2-minute soak; 256 bounds it (soak rss_growth 0.107 -> 0.030,
+# throughput unchanged). Read at the first convolution; the environment's own value wins.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 256
+DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
 
 class Engine:
     def __init__(self, model: DiffusionModel, queue_size: int = 16, timeout_s: float = 120.0, max_rows: float = 12,
                  adapter_budget_bytes: int | None = None, merged_cache_bytes: int | None = None,
-                 metrics: Metrics | None = None, deterministic: bool = False, on_death=None, slots=None):
-        """`max_rows`: the latent pixels of one step's calls, in rows at the model's native size (a request
-        alone always runs, whatever its size). Makes the registry: serving layers, or `slots` (compiled)."""
+                 metrics: Metrics | None = None, deterministic: bool = False, on_death=None, slots=None,
+                 limits: ModelLimits | None = None):
+        """`max_rows`: the latent pixels of one step's calls, in rows at the model's native size. Makes the
+        registry: serving layers, or `slots` (compiled). `limits`: default the model's own, no operator cap."""
         self.model = model
+        self.limits = limits or ModelLimits.of(model)
         self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes, slots)
         self.metrics = metrics or Metrics()
-        self.timeout_s, self.max_rows, self.queue_size = timeout_s, max_rows, queue_size
-        self.deterministic, self.on_death = deterministic, on_death
-        self.max_steps: int | None = None  # the operator's cap on default steps
-        self.pending: deque[InFlight] = deque()
+        self.timeout_s, self.deterministic, self.on_death = timeout_s, deterministic, on_death
+        self.admission = Admission(queue_size, max_rows)
+        self.stepping = Stepping(model, self.registry, self.metrics, deterministic)
         self.active: list[InFlight] = []
         self.ready, self.dead = False, None  # dead: the exception the worker loop died of, if it did
+        self.draining = False  # shutting down: what is in flight finishes, nothing new is taken
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
-        self.metrics.watch(self.registry, self.pending)
+        self.metrics.watch(self.registry, self.admission)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, on_death=None) -> Engine:
+        """Load the model, make the serving layers (or the compiled slots), load the adapters root: everything
+        before warm-up (`start`). On the torch thread, like all torch work (jobs.TORCH_THREAD says why)."""
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        model = DiffusionModel.from_pretrained(settings.model_path, settings.device, settings.torch_dtype)
+        slots = None if settings.compile == "off" else SlotAdapters(
+            model.unet, EMBEDDING_DIM, settings.compile_slots, settings.compile_rank, backend=settings.compile)
+        engine = cls(model, settings.queue_size, settings.request_timeout_s, settings.max_batch_rows,
+                     settings.adapter_budget_bytes, settings.merged_cache_bytes, deterministic=settings.deterministic,
+                     on_death=on_death, slots=slots,
+                     limits=ModelLimits.of(model, settings.max_steps, settings.max_request_cost))
+        engine.load_adapters_from(settings.adapters_root)
+        if slots is not None:  # every bucket compiled before traffic, at the native size
+            text = model.encode_prompts([""]).shape[1:]
+            slots.warm(model.latent_shape(model.default_size, model.default_size), text, model.device, model.dtype)
+        return engine
+
+    # ---- adapters, as routes see them
 
     @property
-    def default_guidance(self) -> float:
-        return float(self.model.defaults.get("guidance", 0.0))
-
-    @property
-    def default_steps(self) -> int:
-        """The model's steps, within the operator's cap (`max_steps`, set by the app from its limits)."""
-        steps = int(self.model.defaults.get("steps", 25))
-        return min(steps, self.max_steps) if self.max_steps else steps
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
 
     def load_adapters_from(self, root: str | Path) -> list[str]:
         """Register every adapter folder under `root` (named after it) and LoRA file `root/<name>.safetensors`."""
@@ -84,40 +105,107 @@ class Engine:
                 log.warning("adapter %s not loaded: %s", path, exc)
         return loaded
 
-    def resolve(self, job: Job, reload: bool = True) -> AdapterSet | None:
-        """The job's adapters: UnknownAdapter for an unknown name, AdapterError for an unusable set or w,
-        InvalidJob for a field the set rules out. reload=False (on the event loop): None if one was evicted."""
+    def load_adapter(self, name: str, path: Path) -> dict:
+        """Register an adapter folder or LoRA file (on the torch thread): its name, kind and bytes."""
+        adapter = self.registry.load(name, path)
+        return {"name": adapter.name, "kind": adapter.meta.kind, "bytes": adapter.nbytes}
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter (on the torch thread: it frees tensors); AdapterInUse while requests use it."""
+        self.registry.unload(name)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.registry.known
+
+    def adapters(self) -> dict:
+        """Every registered adapter, resident or evicted, with what a client needs to use it (GET /adapters)."""
+        reg = self.registry
+        listed = [{"name": name, "path": str(path), "resident": adapter is not None, "in_use": in_use,
+                   **(describe(adapter) if adapter is not None else {})}
+                  for name, path, adapter, in_use in _entries(reg)]
+        return {"budget_bytes": reg.budget_bytes, "resident_bytes": reg.resident_bytes, "adapters": listed}
+
+    # ---- requests
+
+    def plan(self, job: Job, reload: bool = True) -> tuple[Job, AdapterSet, SamplingPlan] | None:
+        """The job settled by the plan, its adapters and its plan; UnknownAdapter or PlanRefused if it cannot run.
+        reload=False (on the event loop): None if one of its adapters was evicted (read back on the torch thread)."""
         found = [(self.registry.get(name) if reload else self.registry.resident_or_none(name), weight)
                  for name, weight in job.adapters]
         if any(a is None for a, _ in found):
             return None
         chosen = tuple(found)
-        check_guidance(chosen, job.guidance)
-        if job.negative_prompt and guidance_adapter(chosen):
-            raise InvalidJob("negative_prompt", "negative_prompt: only in cfg mode; a guidance-distilled adapter "
-                                                "samples without the unconditional branch")
-        return chosen
+        plan = plan_sampling(self.limits, chosen, Ask(job.guidance, job.steps, job.scheduler, job.width, job.height,
+                                                      job.negative_prompt))
+        return replace(job, guidance=plan.guidance, steps=plan.steps, scheduler=plan.scheduler), chosen, plan
 
-    def settle(self, job: Job, chosen: AdapterSet) -> Job:
-        """The job with the scheduler and steps it samples with (UnsupportedSampling, InvalidJob: not usable)."""
-        scheduler, steps = sampling_for(chosen, job.scheduler, job.steps, self.default_steps)
-        distilled = guidance_adapter(chosen)
-        most = most_steps(scheduler, self.model.scheduler_config, distilled.meta.scheduler_config if distilled else None)
-        if steps > most:
-            raise InvalidJob("steps", f"steps: {steps} is more than the {scheduler} scheduler takes "
-                                      f"(allowed: integer in [1, {most}])")
-        return replace(job, scheduler=scheduler, steps=steps)
+    async def planned(self, job: Job) -> tuple[Job, AdapterSet, SamplingPlan]:
+        """`plan` from the event loop: an evicted adapter is read back on the torch thread."""
+        return self.plan(job, reload=False) or await on_torch_thread(self.plan, job)
 
-    def cost(self, job: Job, rows: int) -> float:
-        """A job's share of a step's budget, in rows at the native size (a 2x-size image counts 4x)."""
-        native = self.model.default_size
-        return rows * (job.height or native) * (job.width or native) / native**2
+    async def submit_all(self, jobs: list[Job], on_step=None) -> list[InFlight]:
+        """Queue a request's jobs, all or none: every refusal (QueueFull, EngineUnavailable, UnknownAdapter,
+        AdapterError, PlanRefused) comes before anything is queued. `on_step(i, done, steps)`: job i's progress.
+        Wait for them with `results`."""
+        if not self.ready:
+            why = f"its worker died: {self.dead!r}" if self.dead else "shutting down" if self.draining else "not ready"
+            raise EngineUnavailable(f"the engine is not serving ({why}); retry later")
+        planned = [await self.planned(job) for job in jobs]
+        check_cost(self.limits, [plan for _, _, plan in planned])
+        if len(self.admission) + len(jobs) > self.admission.queue_size:
+            self.metrics.errors.labels("queue_full").inc()
+            raise QueueFull(f"queue is full ({len(self.admission)} of {self.admission.queue_size} images waiting, "
+                            f"{len(jobs)} asked); retry later")
+        loop, now = asyncio.get_running_loop(), time.perf_counter()
+        items = [InFlight(job, plan, chosen, loop.create_future(), now, plan.step_cost(self.limits.native_size),
+                          on_step=on_step and partial(on_step, i)) for i, (job, chosen, plan) in enumerate(planned)]
+        for item in items:
+            self.registry.acquire(item.adapters)  # in use from now: neither evicted nor unloaded under the request
+            self.admission.enqueue(item)
+        self._arrived.set()
+        return items
+
+    async def results(self, items: list[InFlight], disconnected=None) -> list[Result] | None:
+        """The items' results, in order, within ONE request timeout for them all. The first failure cancels the
+        others and is raised; `disconnected()` (an async check: the client went away) true cancels them: None."""
+        futures = [item.future for item in items]
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            while not all(f.done() for f in futures):
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    self.metrics.errors.labels("timeout").inc()
+                    raise RequestTimeout(f"not answered within the request timeout of {self.timeout_s} s; retry later")
+                await asyncio.wait(futures, timeout=min(left, DISCONNECT_POLL_S) if disconnected else left,
+                                   return_when=asyncio.FIRST_EXCEPTION)
+                if failed := next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None):
+                    raise failed.exception()
+                if disconnected is not None and await disconnected():
+                    return None
+            return [f.result() for f in futures]
+        finally:
+            for item in items:
+                if not item.future.done():  # timed out, failed, or the caller went away
+                    item.future.cancel()
+                    if self.admission.withdraw(item):  # still waiting: it leaves the line now, not when reached
+                        self._close(item, "cancelled")
+
+    async def submit(self, job: Job, on_step=None) -> Result:
+        """One job's image (`on_step(done, steps)` after each step); refusals and failures as `submit_all`."""
+        items = await self.submit_all([job], on_step and (lambda _, done, steps: on_step(done, steps)))
+        return (await self.results(items))[0]
+
+    # ---- lifecycle
 
     async def start(self) -> None:
         await on_torch_thread(self.warmup)
         self._worker = asyncio.create_task(self._run())
         self._worker.add_done_callback(self._worker_ended)
         self.ready = True
+
+    def drain(self) -> None:
+        """Take nothing new (503); what is queued or in flight goes on to its answer."""
+        self.draining, self.ready = True, False
 
     async def stop(self) -> None:
         self.ready = False
@@ -127,140 +215,45 @@ class Engine:
                 await self._worker
 
     def warmup(self) -> None:
-        """One tiny generation per mode and adapter: first-call allocations and lazy inits happen before traffic."""
-        kw = dict(registry=self.registry, deterministic=self.deterministic)
-        generate(self.model, ["warm-up"], [0], 0.0, steps=2, **kw)
-        for adapter in list(self.registry.resident.values()):
-            generate(self.model, ["warm-up"], [0], adapter.meta.w_min, steps=1, adapters=((adapter, 1.0),), **kw)
-
-    async def submit(self, job: Job, on_step=None) -> Result:
-        """The job's image (`on_step(done, steps)` after each step). Raises QueueFull, RequestTimeout,
-        EngineUnavailable, UnknownAdapter, AdapterError or InvalidJob; its own steps' failure is re-raised as it was."""
-        if not self.ready:
-            why = f"its worker died: {self.dead!r}" if self.dead else "not ready"
-            raise EngineUnavailable(f"the engine is not serving ({why}); retry later")
-        chosen = self.resolve(job, reload=False)
-        if chosen is None:  # an evicted adapter is read back from disk: on the torch thread
-            chosen = await on_torch_thread(self.resolve, job)
-        job = self.settle(job, chosen)  # what the result reports
-        if len(self.pending) >= self.queue_size:
-            self.metrics.errors.labels("queue_full").inc()
-            raise QueueFull(f"queue is full ({self.queue_size} waiting); retry later")
-        item = InFlight(job, chosen, asyncio.get_running_loop().create_future(), time.perf_counter(),
-                         self.cost(job, rows_per_step(chosen)), on_step=on_step)
-        self.registry.acquire(chosen)  # in use from now: neither evicted nor unloaded under the request
-        self.pending.append(item)
-        self._arrived.set()
-        try:
-            return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
-        except TimeoutError:
-            self.metrics.errors.labels("timeout").inc()
-            raise RequestTimeout(f"not answered within the request timeout of {self.timeout_s} s; retry later") from None
-        finally:
-            if not item.future.done():  # timed out, or the caller was cancelled (client went away)
-                item.future.cancel()
-
-    def _admit(self) -> list[InFlight]:
-        """Move pending requests in flight, in order, while their cost fits `max_rows` (one always fits)."""
-        used = sum(a.cost for a in self.active)
-        admitted = []
-        while self.pending and (not self.active or used + self.pending[0].cost <= self.max_rows):
-            item = self.pending.popleft()
-            if item.future.cancelled():
-                self._close(item, "cancelled")
-                continue
-            item.started = time.perf_counter()
-            self.active.append(item)
-            admitted.append(item)
-            used += item.cost
-        return admitted
-
-    def _start(self, items: list[InFlight]) -> list[tuple[InFlight, Exception]]:
-        """Encode the admitted requests' prompts (throughput mode: in one text-encoder call) and make their
-        samplers (on the torch thread)."""
-        encoded = [None] * len(items)
-        if not self.deterministic and len(items) > 1:
-            try:
-                texts, ms = encode_together(self.model, [prompts_of(i.job.prompt, i.adapters, i.job.negative_prompt)
-                                                         for i in items])
-                encoded = [(text, ms) for text in texts]
-            except Exception:  # noqa: BLE001 - each request encodes alone below, and fails alone
-                log.exception("encoding %d prompts together failed; encoding them one by one", len(items))
-        failed = []
-        for item, enc in zip(items, encoded):
-            j = item.job
-            try:
-                item.denoising = start_denoising(self.model, j.prompt, j.seed, j.guidance, j.steps, j.scheduler,
-                                             item.adapters, height=j.height, width=j.width,
-                                             negative_prompt=j.negative_prompt, encoded=enc, eta=j.eta)
-            except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
-                failed.append((item, exc))
-        return failed
-
-    def _step(self, active: list[InFlight]) -> tuple[list[InFlight], list[tuple[InFlight, Exception]]]:
-        """One step for all in flight (on the torch thread): (finished and decoded, failed). If a shared
-        UNet call fails (nothing has advanced then), each request steps alone, and only those that fail
-        alone fail."""
-        try:
-            failed = self._unet_step(active)
-        except Exception:  # noqa: BLE001 - find the request that fails alone
-            log.exception("a batched step failed; stepping its %d requests one by one", len(active))
-            failed = []
-            for a in active:
-                try:
-                    failed += self._unet_step([a])
-                except Exception as exc:  # noqa: BLE001
-                    failed.append((a, exc))
-        finished = [a for a in active if a.denoising.sampler.done and not any(a is f for f, _ in failed)]
-        try:
-            images = finish_denoising(self.model, [a.denoising for a in finished], together=not self.deterministic)
-        except Exception:  # noqa: BLE001 - decode one by one: only a request that fails alone fails
-            images = []
-            for a in finished:
-                try:
-                    images += finish_denoising(self.model, [a.denoising])
-                except Exception as exc:  # noqa: BLE001
-                    images.append(None)
-                    failed.append((a, exc))
-        for a, image in zip(finished, images):
-            a.image = image
-        peak = step_peak()  # this step's and its decode's: every request in the batch had its share in it
-        for a in active:
-            a.memory.sample(peak)
-        return [a for a in finished if a.image is not None], failed
-
-    def _unet_step(self, items: list[InFlight]) -> list[tuple[InFlight, Exception]]:
-        """unet_step over the items; returns the items whose own scheduler step failed."""
-        failed = unet_step(self.model, self.registry, [a.denoising for a in items], self.deterministic)
-        rows = sum(a.rows for a in items)
-        self.metrics.batch_rows.observe(rows)
-        self.metrics.unet_evaluations.inc(rows)
-        return [(next(a for a in items if a.denoising is den), exc) for den, exc in failed]
+        """One one-step image per mode and adapter at the native size: first-call allocations and lazy inits happen
+        before traffic. (Made by hand, not planned: a step-distilled adapter's own step counts need not include 1.)"""
+        native = self.limits.native_size
+        for chosen in [(), *(((adapter, 1.0),) for adapter in list(self.registry.resident.values()))]:
+            distilled = distilled_adapter(chosen)
+            meta = distilled.meta if distilled else None
+            plan = SamplingPlan(meta.w_min if meta else 0.0, 1, (meta.schedulers or [meta.recommended_scheduler])[0]
+                                if meta else DEFAULT_SCHEDULER, distilled is not None, native, native,
+                                scheduler_overrides=dict(meta.scheduler_config) if meta else {})
+            denoising = [start_denoising(self.model, "warm-up", 0, plan, chosen)]
+            unet_step(self.model, self.registry, denoising, self.deterministic)
+            finish_denoising(self.model, denoising)
 
     async def _run(self) -> None:
         while True:
-            if not self.active and not self.pending:
+            if not self.active and not len(self.admission):
                 await self._arrived.wait()
                 self._arrived.clear()
-            admitted = self._admit()
+            admitted, cancelled = self.admission.admit(self.active)
+            for item in cancelled:
+                self._close(item, "cancelled")
             if admitted:
-                for item, exc in await on_torch_thread(self._start, admitted):
+                for item, exc in await on_torch_thread(self.stepping.start, admitted):
                     self.active.remove(item)
                     self._close(item, "error", exc)
-            for a in [a for a in self.active if a.future.cancelled()]:
-                self.active.remove(a)
-                self._close(a, "cancelled")
+            for item in [a for a in self.active if a.future.cancelled()]:
+                self.active.remove(item)
+                self._close(item, "cancelled")
             if not self.active:
                 continue
-            done, failed = await on_torch_thread(self._step, list(self.active))
-            for a, exc in failed:
-                self.active.remove(a)
-                self._close(a, "error", exc)
-            for a in self.active:
-                a.report_step()
-            for a in done:
-                self.active.remove(a)
-                self._close(a, "ok")
+            done, failed = await on_torch_thread(self.stepping.step, list(self.active))
+            for item, exc in failed:
+                self.active.remove(item)
+                self._close(item, "error", exc)
+            for item in self.active:
+                item.report_step()
+            for item in done:
+                self.active.remove(item)
+                self._close(item, "ok")
 
     def _worker_ended(self, task: asyncio.Task) -> None:
         """The worker loop ends only when stopped; anything else is a bug: stop serving, fail everything
@@ -270,11 +263,10 @@ class Engine:
         self.dead = task.exception() or RuntimeError("the worker loop returned")
         self.ready = False
         log.critical("engine worker died; not ready from now on", exc_info=self.dead)
-        for item in self.active + list(self.pending):
+        for item in self.active + self.admission.drain():
             if not item.future.done():
                 item.future.set_exception(EngineUnavailable(f"the engine's worker died: {self.dead!r}; retry later"))
         self.active.clear()
-        self.pending.clear()
         if self.on_death is not None:
             self.on_death(self.dead)
 
@@ -282,17 +274,25 @@ class Engine:
         """Release the request's adapters, record it, and answer it (if anyone still waits)."""
         self.registry.release(item.adapters)
         now = time.perf_counter()
-        mode = "single-eval" if item.rows == 1 else "cfg"
-        self.metrics.requests.labels(mode, outcome).observe(now - item.enqueued)
+        self.metrics.requests.labels(item.plan.mode, outcome).observe(now - item.enqueued)
         if exc is not None:
             self.metrics.errors.labels(type(exc).__name__).inc()
         if item.future.done():
             return
         if exc is not None:
             item.future.set_exception(exc)
-            return
-        den = item.denoising
-        timings = {"queue": (item.started - item.enqueued) * 1e3, **den.timings_ms,
-                   "total": (now - item.enqueued) * 1e3}
-        timings["denoise"] = (now - item.started) * 1e3 - den.timings_ms["text_encode"] - den.timings_ms["decode"]
-        item.future.set_result(Result(item.image, item.job, den.mode, den.unet_evaluations, timings, item.memory.peak()))
+        else:
+            item.future.set_result(result_of(item, now))
+
+
+def describe(adapter: LoadedAdapter) -> dict:
+    """What GET /adapters tells of a resident adapter; the w range for the w-conditioned ones only."""
+    meta = adapter.meta
+    out = {"kind": meta.kind, "rank": meta.rank, "bytes": adapter.nbytes, "recommended_steps": meta.recommended_steps,
+           "recommended_scheduler": meta.recommended_scheduler, "schedulers": meta.schedulers or None,
+           "steps": meta.steps or None}
+    return {**out, "w_range": [meta.w_min, meta.w_max]} if adapter.single_eval else out
+
+
+def _entries(reg):  # TODO registry.entries()
+    return [(name, path, reg.resident.get(name), reg.in_use[name]) for name, path in sorted(reg.known.items())]

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from distillery.adapters import AdapterSet, guidance_adapter
+from distillery.adapters import AdapterSet
 from distillery.sampling.pipeline import Denoising
+from distillery.sampling.plan import SamplingPlan
 from distillery.serving.memory import MemoryTracker
 
 log = logging.getLogger("distillery.jobs")
@@ -27,14 +28,6 @@ class RequestTimeout(Exception):
 
 class EngineUnavailable(Exception):
     """Not warmed up yet, stopping, or its worker died: 503 with Retry-After."""
-
-
-class InvalidJob(ValueError):
-    """A job the engine cannot run as asked, found with what only the engine knows: 422 naming `field`."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 # Every torch call of the server runs on this ONE thread. Each thread that enters torch gets its
@@ -57,11 +50,14 @@ def random_seed() -> int:
 
 @dataclass(frozen=True)
 class Job:
+    """One image as a client asked for it, in the native API's names (None: the plan's default). The engine's
+    Result carries it back settled: every None replaced by what the plan chose."""
+
     prompt: str
-    guidance: float
-    steps: int | None  # None: the distilled adapter's or the model's (Engine.settle fills it in)
+    guidance: float | None
+    steps: int | None
     seed: int
-    scheduler: str | None = None  # None: the distilled adapter's, else ddim
+    scheduler: str | None = None
     adapters: tuple[tuple[str, float], ...] = ()
     height: int | None = None
     width: int | None = None
@@ -89,22 +85,19 @@ class Result:
         return buf.getvalue()
 
 
-def rows_per_step(adapters: AdapterSet) -> int:
-    """UNet rows a request takes per step: 1 single-eval (a guidance-distilled adapter in its set), 2 CFG."""
-    return 1 if guidance_adapter(adapters) else 2
-
-
-@dataclass
+@dataclass(eq=False)  # identity: the queue finds and removes this very request
 class InFlight:
     """A job inside the engine: waiting, then in flight, until it is answered."""
 
-    job: Job
+    job: Job  # settled by the plan
+    plan: SamplingPlan
     adapters: AdapterSet
     future: asyncio.Future
     enqueued: float
     cost: float  # native-size rows: UNet rows x latent pixels / the model's native latent pixels
     denoising: Denoising | None = None
     started: float = 0.0
+    overtaken: int = 0  # later requests admitted while this one waited (admission.py: MAX_OVERTAKES)
     image: object = None
     memory: MemoryTracker = field(default_factory=MemoryTracker)
     on_step: Callable[[int, int], None] | None = None  # (steps done, steps): live progress, on the event loop
@@ -119,4 +112,4 @@ class InFlight:
 
     @property
     def rows(self) -> int:
-        return rows_per_step(self.adapters)
+        return self.plan.rows_per_step

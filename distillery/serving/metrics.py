@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sized
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from distillery.serving.memory import device_memory, memory_kind
@@ -56,6 +56,11 @@ class Metrics:
         self.errors = Counter("distillery_errors", "Errors by type", ["type"], registry=r)
         self.state = StateCollector()
         r.register(self.state)
+        ProcessCollector(registry=r)  # the standard process_* figures (RSS, CPU seconds, open files)
+
+    def exposition(self) -> bytes:
+        """Prometheus text format of every metric here."""
+        return generate_latest(self.registry)
 
     def watch(self, adapters, queue: Sized) -> None:
         """Report these adapters' residency and this queue's length at every scrape."""

@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from distillery.model import DiffusionModel
-from distillery.serving.config import API_KEY_ENV, Settings
-from distillery.serving.schemas import MAX_SEED, MAX_STEPS, InvalidFields, Problem
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a request may ask of the loaded model here; enforced in `to_job` and stated in the OpenAPI document."""
-
-    max_steps: int
-    size_step: int
-    max_size: int
-
-    @classmethod
-    def of(cls, model: DiffusionModel, settings: Settings) -> Limits:
-        caps = [MAX_STEPS, model.max_steps] + ([settings.max_steps] if settings.max_steps else [])
-        return cls(max(1, min(caps)), model.size_step, 2 * model.default_size)
-
-    @property
-    def sides(self) -> range:
-        """Every width (and height) allowed: the multiples of the size step up to the largest."""
-        return range(self.size_step, self.max_size + 1, self.size_step)
+from distillery.sampling.plan import ModelLimits
+from distillery.serving.config import API_KEY_ENV
+from distillery.serving.schemas import MAX_SEED, InvalidFields, Problem
 
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
@@ -39,6 +19,7 @@ INVALID = {422: {"model": InvalidFields, "description": "Invalid fields: each na
 FAILURES = {  # what any generation route may answer besides its images
     400: {"model": Problem, "description": "The body cannot be read as JSON text (not UTF-8, say)."},
     404: {"model": Problem, "description": "An unknown adapter; the message lists those available."},
+    413: {"model": Problem, "description": "The body is larger than the server takes (`DISTILLERY_MAX_BODY_BYTES`)."},
     **INVALID,
     429: {"model": Problem, "description": "The queue is full.", "headers": RETRY_AFTER},
     503: {"model": Problem, "description": "Not answered in time, or the engine is not serving.",
@@ -64,7 +45,7 @@ PNG_HEADERS = {name: {"description": what, "schema": {"type": kind}} for name, k
 
 
 def install_openapi(app: FastAPI) -> None:
-    """app.openapi() states the limits in app.state.limits once the model is loaded (cached from then on)."""
+    """app.openapi() states the loaded model's limits (the engine's) once it is loaded (cached from then on)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -74,10 +55,10 @@ def install_openapi(app: FastAPI) -> None:
             for schema in doc["components"]["schemas"].values():
                 if "seed" in schema.get("properties", {}):
                     _branch(schema["properties"]["seed"], "integer")["maximum"] = MAX_SEED
-            limits = getattr(app.state, "limits", None)
-            if limits is None:  # before the model loads: the static bounds only, and not cached
+            engine = getattr(app.state, "engine", None)
+            if engine is None:  # before the model loads: the static bounds only, and not cached
                 return doc
-            _state_limits(doc, limits)
+            _state_limits(doc, engine.limits)
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -99,7 +80,7 @@ def _drop_impossible_422(doc: dict) -> None:
         schemas.pop("ValidationError", None)
 
 
-def _state_limits(doc: dict, limits: Limits) -> None:
+def _state_limits(doc: dict, limits: ModelLimits) -> None:
     """The loaded model's bounds on steps and sizes in the request schemas, so that schema-valid data is accepted."""
     schemas = doc["components"]["schemas"]
     for name in ("ImageRequest", "GenerateRequest", "Txt2ImgRequest"):
@@ -117,7 +98,7 @@ def _branch(prop: dict, kind: str) -> dict:
     return next(b for b in prop.get("anyOf", [prop]) if b.get("type") == kind)
 
 
-def _state_size_and_steps(props: dict, limits: Limits) -> None:
+def _state_size_and_steps(props: dict, limits: ModelLimits) -> None:
     _branch(props["steps"], "integer")["maximum"] = limits.max_steps
     for field in ("width", "height"):
         branch = _branch(props[field], "integer")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
+from distillery.sampling.plan import WEIGHT_RANGE
 from distillery.serving.errors import unprocessable
 
 # <lora:NAME> or <lora:NAME:WEIGHT>; A1111's third part (a separate UNet weight) is refused below, not dropped
 TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
-MAX_WEIGHT = 2.0  # as the native API's AdapterRef.weight
 
 
 def lora_tags(prompt: str, field: str = "prompt") -> tuple[str, tuple[tuple[str, float], ...]]:
@@ -20,9 +20,10 @@ def lora_tags(prompt: str, field: str = "prompt") -> tuple[str, tuple[tuple[str,
             value = 1.0 if weight.strip() == "" else float(weight)
         except ValueError:
             value = float("nan")
-        if not name or not 0.0 <= value <= MAX_WEIGHT or name in found:
+        if not name or not WEIGHT_RANGE[0] <= value <= WEIGHT_RANGE[1] or name in found:
+            low, high = WEIGHT_RANGE
             raise unprocessable(field, f"{field}: <lora:{name}:{weight}> is not a usable LoRA tag (allowed: "
-                                       f"<lora:NAME> or <lora:NAME:WEIGHT>, WEIGHT in [0, {MAX_WEIGHT}], each NAME "
+                                       f"<lora:NAME> or <lora:NAME:WEIGHT>, WEIGHT in [{low:g}, {high}], each NAME "
                                        f"once, NAME an adapter of GET /sdapi/v1/loras)")
         found[name] = value
     return " ".join(TAG.sub(" ", prompt).split()), tuple(found.items())

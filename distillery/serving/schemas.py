@@ -7,11 +7,10 @@ from typing import Any, Literal
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_STEPS = 1000
-MAX_GUIDANCE = 30.0
+from distillery.sampling.plan import MAX_GUIDANCE, MAX_STEPS, SCHEDULER_NAMES, WEIGHT_RANGE
+
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 10  # per request: the OpenAI API's bound; they are submitted together (distillery/serving/submit.py)
-SCHEDULER_NAMES = ("ddim", "euler", "euler_a", "dpm", "lcm")  # distillery/sampling/sampler.py SCHEDULERS
 # A folder under the adapters root: relative, segments separated by "/", none of them empty, "." or ".."
 # (a segment may not start with "."), no control characters. What the server can check without a disk.
 ADAPTER_PATH_PATTERN = r"^[^/.\x00-\x1f\x7f][^/\x00-\x1f\x7f]*(/[^/.\x00-\x1f\x7f][^/\x00-\x1f\x7f]*)*$"
@@ -52,7 +51,8 @@ class AdapterRef(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=200, description="A loaded adapter's name (GET /adapters).")
-    weight: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="LoRA scale.")
+    weight: float = Field(default=1.0, ge=WEIGHT_RANGE[0], le=WEIGHT_RANGE[1], allow_inf_nan=False,
+                          description="LoRA scale.")
 
 
 class ImageRequest(JSONRequest):
@@ -193,10 +193,23 @@ class ModelInfo(BaseModel):
     max_steps: int = Field(description="Most steps a request may ask for here.")
     default_guidance: float
     default_steps: int
+    schedulers: list[str] = Field(description="The schedulers a request may name.")
+
+
+class PlanInfo(BaseModel):
+    """What a request would be sampled with (POST /generate/plan)."""
+
+    guidance: float
+    steps: int
+    scheduler: str
+    mode: Literal["cfg", "single-eval"]
+    width: int
+    height: int
+    unet_evaluations: int = Field(description="UNet rows per image: steps x (2 in cfg mode, 1 single-eval).")
 
 
 class Health(BaseModel):
-    status: Literal["alive"]
+    status: Literal["alive", "dead"]
 
 
 class Readiness(BaseModel):
@@ -270,9 +283,14 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+ECHO_CHARS = 80  # the most of a client's input an error repeats back: enough to recognise it, never the whole body
+
+
 def _jsonable(value: Any) -> Any:
+    """The offending input, as an error may echo it: JSON-safe, and at most a short prefix of it."""
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         return str(value)
-    if isinstance(value, str):
-        return _text(value)
-    return value if isinstance(value, (int, float, bool, type(None))) else _text(repr(value))
+    if isinstance(value, (int, float, bool, type(None))):
+        return value
+    text = _text(value if isinstance(value, str) else repr(value)[:4 * ECHO_CHARS])
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"

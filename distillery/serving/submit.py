@@ -7,29 +7,13 @@ import asyncio
 import base64
 import json
 from dataclasses import replace
-from functools import partial
 
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
 from distillery.serving.engine import Engine
-from distillery.serving.errors import unprocessable
 from distillery.serving.jobs import Job, Result, random_seed
-from distillery.serving.openapi import Limits
 from distillery.serving.schemas import MAX_SEED
-
-DISCONNECT_POLL_S = 0.05
-
-
-def check_limits(limits: Limits, width: int | None, height: int | None, steps: int | None) -> None:
-    """What the loaded model allows (the OpenAPI document states it: distillery/serving/openapi.py)."""
-    step, most = limits.size_step, limits.max_size
-    for field, value in (("width", width), ("height", height)):
-        if value is not None and (value % step or not step <= value <= most):
-            raise unprocessable(field, f"{field}: {value} is not allowed (allowed: a multiple of {step} in [{step}, "
-                                       f"{most}])")
-    if steps is not None and steps > limits.max_steps:
-        raise unprocessable("steps", f"steps: {steps} is more than this server allows (allowed: integer in "
-                                     f"[1, {limits.max_steps}])")
 
 
 def jobs_of(job: Job, n: int, seed: int | None) -> list[Job]:
@@ -39,27 +23,17 @@ def jobs_of(job: Job, n: int, seed: int | None) -> list[Job]:
     return [replace(job, seed=(seed + i) % (MAX_SEED + 1)) for i in range(n)]
 
 
-async def run_jobs(eng: Engine, jobs: list[Job], request: Request | None = None, on_step=None) -> list[Result] | None:
-    """The jobs' results, in order. Submitted together, they share UNet calls with each other and with whatever
-    else is in flight. `on_step(i, done, steps)`: image i's progress. The first failure cancels the others and is
-    raised; a client that goes away (`request` given) cancels them all: None."""
-    tasks = [asyncio.create_task(eng.submit(job, on_step and partial(on_step, i))) for i, job in enumerate(jobs)]
-    try:
-        while not all(t.done() for t in tasks):
-            await asyncio.wait(tasks, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION)
-            if failed := next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None):
-                raise failed.exception()
-            if request is not None and await request.is_disconnected():
-                return None
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            t.cancel()
+async def run_jobs(eng: Engine, jobs: list[Job], request: Request | None = None) -> list[Result] | None:
+    """The jobs' results, in order: queued together (all or none), they share UNet calls with each other and with
+    whatever else is in flight. A refusal or the first failure is raised; a client that goes away (`request`
+    given) cancels them all: None."""
+    items = await eng.submit_all(jobs)
+    return await eng.results(items, request.is_disconnected if request is not None else None)
 
 
 def info_of(result: Result) -> dict:
     """One image's info, as every API reports it (the native API's GenerateInfo)."""
-    job = result.job  # with the scheduler and steps it was sampled with
+    job = result.job  # with the guidance, scheduler and steps it was sampled with
     return {"seed": job.seed, "guidance": job.guidance, "steps": job.steps, "scheduler": job.scheduler,
             "mode": result.mode, "unet_evaluations": result.unet_evaluations,
             "adapters": [list(a) for a in job.adapters],
@@ -71,21 +45,29 @@ async def encoded_b64(results: list[Result], fmt: str = "png", quality: int | No
     return await asyncio.to_thread(lambda: [base64.b64encode(r.encoded(fmt, quality)).decode() for r in results])
 
 
-async def stream_events(first, events: asyncio.Queue, run: asyncio.Task, answer):
-    """Server-sent events from the `events` queue (None ends it), then `result` with `answer(results)`, or
-    `error` if the run failed after the stream began. A client that goes away cancels the run."""
-    try:
-        item = first
-        while item is not None:
-            yield _event(*item)
-            item = await events.get()
+async def streamed(eng: Engine, jobs: list[Job], answer) -> EventSourceResponse:
+    """Server-sent events: `progress` {index, step, steps} after each step of image `index`, then `result` with
+    `await answer(results)`, or `error` {status, detail} if it fails once the stream began. Refusals are raised
+    here, before the stream, so they answer as HTTP errors; a client that goes away cancels the work."""
+    events: asyncio.Queue = asyncio.Queue()
+    items = await eng.submit_all(jobs, on_step=lambda i, k, n: events.put_nowait(
+        ("progress", {"index": i, "step": k, "steps": n})))
+
+    async def stream():
+        run = asyncio.create_task(eng.results(items))
+        run.add_done_callback(lambda _: events.put_nowait(None))
         try:
-            yield _event("result", await answer(await run))
-        except Exception as exc:  # noqa: BLE001 - the status line is sent: the failure goes in the stream
-            yield _event("error", {"status": getattr(exc, "status_code", 500), "detail": str(exc)})
-    finally:
-        run.cancel()
+            while (item := await events.get()) is not None:
+                yield _event(*item)
+            try:
+                yield _event("result", await answer(await run))
+            except Exception as exc:  # noqa: BLE001 - the status line is sent: the failure goes in the stream
+                yield _event("error", {"status": getattr(exc, "status_code", 500), "detail": str(exc)})
+        finally:
+            run.cancel()  # the client left (sse-starlette cancels this generator): the engine drops the work
+
+    return EventSourceResponse(stream(), sep="\n", headers={"Cache-Control": "no-cache"})
 
 
-def _event(name: str, data: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def _event(name: str, data: dict) -> dict:
+    return {"event": name, "data": json.dumps(data, separators=(",", ":"))}

@@ -11,7 +11,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-READY_LINE = b"Application startup complete"  # uvicorn logs it once the lifespan (load + warm-up) is done
+from distillery.serving.app import READY_LOG
+
+READY_LINE = READY_LOG.encode()  # logged once the model is loaded and warm
 
 
 def free_port() -> int:

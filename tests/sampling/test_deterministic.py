@@ -18,6 +18,7 @@ from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.pipeline import start_denoising, unet_step
+from distillery.sampling.plan import SamplingPlan
 from distillery.testing.synthetic_adapters import write_random_adapter
 
 CONV_TARGETS = ["to_q", "to_v", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "time_emb_proj",
@@ -46,8 +47,10 @@ def _request(model, sets, seed: int, size=(32, 32)):
     chosen = sets[seed % len(sets)]
     lcm = any(a.meta.kind == "consistency" for a, _ in chosen)
     steps, scheduler = (rng.randrange(2, 9), "lcm") if lcm else (rng.randrange(2, 30), rng.choice(["ddim", "euler", "dpm"]))
-    return start_denoising(model, f"a red circle {seed}", seed, rng.uniform(0, 5), steps, scheduler, chosen,
-                           height=size[0], width=size[1])
+    distilled = next((a for a, _ in chosen if a.single_eval), None)
+    plan = SamplingPlan(rng.uniform(0, 5), steps, scheduler, distilled is not None, width=size[1], height=size[0],
+                        scheduler_overrides=dict(distilled.meta.scheduler_config) if distilled else {})
+    return start_denoising(model, f"a red circle {seed}", seed, plan, chosen)
 
 
 def _after_steps(model, registry, probe_seed: int, others: list[int], sets, steps: int, deterministic: bool,

@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from distillery.serving import jobs as jobs_module
 from distillery.serving.app import create_app
 from distillery.serving.config import Settings
-from distillery.serving.jobs import EngineUnavailable, InvalidJob, QueueFull, RequestTimeout
+from distillery.sampling.plan import PlanRefused
+from distillery.serving.jobs import EngineUnavailable, QueueFull, RequestTimeout
 from distillery.serving.schemas import MAX_SEED
 
 
@@ -184,13 +185,13 @@ def test_methods_a_path_lacks_are_405_naming_all_it_has(client):
     (QueueFull("queue is full (16 waiting); retry later"), 429, True),
     (RequestTimeout("not answered within the request timeout of 120.0 s; retry later"), 503, True),
     (EngineUnavailable("the engine is not serving (not ready); retry later"), 503, True),
-    (InvalidJob("negative_prompt", "negative_prompt: only in cfg mode"), 422, False),
+    (PlanRefused("negative_prompt", "negative_prompt: only in cfg mode"), 422, False),
 ])
 def test_engine_exceptions_are_answered_with_their_status(client, monkeypatch, exc, status, retry):
-    async def refuse(job, on_step=None):
+    async def refuse(jobs, on_step=None):
         raise exc
 
-    monkeypatch.setattr(client.app.state.engine, "submit", refuse)
+    monkeypatch.setattr(client.app.state.engine, "submit_all", refuse)
     resp = client.post("/generate", json={"prompt": "x", "steps": 2})
     assert resp.status_code == status, resp.text
     if status == 422:
@@ -202,11 +203,11 @@ def test_engine_exceptions_are_answered_with_their_status(client, monkeypatch, e
 
 def test_png_is_encoded_off_the_event_loop(client, monkeypatch):
     threads = {}
-    submit = client.app.state.engine.submit
+    submit = client.app.state.engine.submit_all
 
-    async def recording_submit(job, on_step=None):
+    async def recording_submit(jobs, on_step=None):
         threads["loop"] = threading.get_ident()
-        return await submit(job, on_step)
+        return await submit(jobs, on_step)
 
     encode = jobs_module.Result.png.fget
 
@@ -214,7 +215,7 @@ def test_png_is_encoded_off_the_event_loop(client, monkeypatch):
         threads["png"] = threading.get_ident()
         return encode(result)
 
-    monkeypatch.setattr(client.app.state.engine, "submit", recording_submit)
+    monkeypatch.setattr(client.app.state.engine, "submit_all", recording_submit)
     monkeypatch.setattr(jobs_module.Result, "png", property(recording_png))
     _png(client.post("/generate", json={"prompt": "x", "steps": 2}))
     assert threads["png"] != threads["loop"]
@@ -234,18 +235,19 @@ def test_an_operators_step_cap_is_enforced_stated_and_caps_the_default(capped):
 # every status each route answers, as the document lists it (tests/serving/test_openapi_conformance.py checks
 # the live server against the document)
 STATUSES = {
-    ("/generate", "post"): {"200", "400", "404", "422", "429", "503"},
-    ("/generate/stream", "post"): {"200", "400", "404", "422", "429", "503"},
+    ("/generate", "post"): {"200", "400", "404", "413", "422", "429", "503"},
+    ("/generate/stream", "post"): {"200", "400", "404", "413", "422", "429", "503"},
+    ("/generate/plan", "post"): {"200", "400", "404", "413", "422"},
     ("/adapters", "get"): {"200"},
-    ("/adapters", "post"): {"201", "400", "401", "403", "404", "409", "422"},
+    ("/adapters", "post"): {"201", "400", "401", "403", "404", "409", "413", "422"},
     ("/adapters/{name}", "delete"): {"200", "401", "403", "404", "409"},
     ("/model", "get"): {"200"},
     ("/metrics", "get"): {"200"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
-    ("/v1/images/generations", "post"): {"200", "400", "404", "429", "503"},
+    ("/v1/images/generations", "post"): {"200", "400", "404", "413", "429", "503"},
     ("/v1/models", "get"): {"200"},
-    ("/sdapi/v1/txt2img", "post"): {"200", "400", "404", "422", "429", "503"},
+    ("/sdapi/v1/txt2img", "post"): {"200", "400", "404", "413", "422", "429", "503"},
     ("/sdapi/v1/samplers", "get"): {"200"},
     ("/sdapi/v1/schedulers", "get"): {"200"},
     ("/sdapi/v1/sd-models", "get"): {"200"},

@@ -12,10 +12,12 @@ from PIL import Image
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.serving import engine as engine_module
+from distillery.serving import stepping as stepping_module
+from distillery.serving.admission import MAX_OVERTAKES, Admission
 from distillery.serving.app import create_app
 from distillery.serving.config import Settings
 from distillery.serving.engine import Engine
-from distillery.serving.jobs import Job, RequestTimeout
+from distillery.serving.jobs import InFlight, Job, RequestTimeout
 
 
 def _engine(**kw) -> Engine:
@@ -54,19 +56,22 @@ def test_a_step_holds_at_most_max_rows_of_native_latent_pixels():
     request of the native size, not beside three; a request alone always runs, even over budget."""
     engine = _engine(max_rows=10)
     big, small = Job("x", 1.0, 2, 0, height=64, width=64), Job("x", 1.0, 2, 0)
-    assert engine.cost(big, 2) == 8 and engine.cost(small, 2) == 2 and engine.cost(small, 1) == 1
+    plans = {job: engine.plan(job)[2] for job in (big, small)}
+    assert plans[big].step_cost(32) == 8 and plans[small].step_cost(32) == 2
+    admission = engine.admission
 
     async def admitted(jobs):
         loop = asyncio.get_running_loop()
-        engine.pending.extend(engine_module.InFlight(j, (), loop.create_future(), 0.0, engine.cost(j, 2)) for j in jobs)
-        got = [a.job for a in engine._admit()]
-        engine.pending.clear()
-        engine.active.clear()
+        admission.pending.extend(engine_module.InFlight(j, plans[j], (), loop.create_future(), 0.0,
+                                                        plans[j].step_cost(32)) for j in jobs)
+        active = []
+        got = [a.job for a in admission.admit(active)[0]]
+        admission.pending.clear()
         return got
 
     assert asyncio.run(admitted([big, small, small, small])) == [big, small]
     assert asyncio.run(admitted([big, big])) == [big]
-    engine.max_rows = 4
+    admission.max_rows = 4
     assert asyncio.run(admitted([big, small])) == [big]  # alone over budget: it still runs
 
 
@@ -86,7 +91,7 @@ def test_a_request_not_answered_in_time_is_a_timeout_and_the_engine_goes_on():
 
 def test_a_request_that_fails_alone_fails_alone(monkeypatch):
     """A request whose own steps raise gets its error; the requests sharing its steps are answered."""
-    real_start = engine_module.start_denoising
+    real_start = stepping_module.start_denoising
 
     def start(model, prompt, *args, **kw):
         request = real_start(model, prompt, *args, **kw)
@@ -94,7 +99,7 @@ def test_a_request_that_fails_alone_fails_alone(monkeypatch):
             request.sampler.rows = lambda: (_ for _ in ()).throw(RuntimeError("poisoned rows"))
         return request
 
-    monkeypatch.setattr(engine_module, "start_denoising", start)
+    monkeypatch.setattr(stepping_module, "start_denoising", start)
 
     async def scenario():
         engine = _engine()
@@ -118,10 +123,10 @@ def test_a_dead_worker_makes_readyz_fail_and_requests_503():
         assert client.get("/readyz").status_code == 200
         engine.on_death = deaths.append
 
-        def broken_admit():
+        def broken_admit(active):
             raise RuntimeError("a bug in the worker loop")
 
-        engine._admit = broken_admit
+        engine.admission.admit = broken_admit
         resp = client.post("/generate", json={"prompt": "a red circle", "steps": 2})
         assert resp.status_code == 503 and "worker died" in resp.text and int(resp.headers["retry-after"]) > 0
         assert client.get("/readyz").status_code == 503
@@ -135,5 +140,37 @@ def test_evicted_adapters_are_not_read_back_on_the_event_loop():
     engine.registry.resident.pop("guidance-toy")  # evicted
     job = Job("x", 1.0, 2, 0, adapters=(("guidance-toy", 1.0),))
     loads = engine.registry.loads
-    assert engine.resolve(job, reload=False) is None and engine.registry.loads == loads  # no disk read
-    assert engine.resolve(job)[0][0].name == "guidance-toy" and engine.registry.loads == loads + 1
+    assert engine.plan(job, reload=False) is None and engine.registry.loads == loads  # no disk read
+    assert engine.plan(job)[1][0][0].name == "guidance-toy" and engine.registry.loads == loads + 1
+
+
+def test_admission_lets_small_requests_pass_a_large_one_but_never_starves_it():
+    """A waiting request too large for the budget left beside what runs lets later ones that fit go ahead (no
+    head-of-line blocking), at most MAX_OVERTAKES times; then it is next, and what runs drains until it fits."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        admission = Admission(queue_size=100, max_rows=9)  # beside the running 6: one small (2) at a time
+
+        def item(cost):
+            return InFlight(Job("x", 1.0, 2, 0), None, (), loop.create_future(), 0.0, cost)
+
+        running, large = item(6), item(8)
+        active = [running]
+        smalls = [item(2) for _ in range(MAX_OVERTAKES + 3)]
+        for waiting in [large, *smalls]:
+            admission.enqueue(waiting)
+        admitted = []
+        for _ in range(MAX_OVERTAKES):  # each round: the small one admitted runs one step and finishes
+            got, _ = admission.admit(active)
+            admitted += got
+            for done in got:
+                active.remove(done)
+        assert admitted == smalls[:MAX_OVERTAKES] and large.overtaken == MAX_OVERTAKES
+        assert admission.admit(active) == ([], [])  # the large one's turn: nobody passes it again
+        active.remove(running)
+        assert admission.admit(active)[0] == [large]  # alone it always fits
+        cancelled = smalls[-1]
+        cancelled.future.cancel()
+        assert admission.withdraw(cancelled) and not admission.withdraw(cancelled)
+
+    asyncio.run(scenario())

@@ -3,7 +3,6 @@ selenium) against the real server: live progress over POST /generate/stream, the
 
 import base64
 import io
-import os
 import shutil
 import time
 
@@ -167,7 +166,10 @@ def test_adapter_checkbox_and_random_seed(server_url, browser, tmp_path):
     _open(driver, server_url)
     driver.find_element(By.ID, "adapter-lcm-toy").click()
     assert driver.find_element(By.ID, "weight-lcm-toy").is_enabled()
-    assert driver.find_element(By.ID, "steps").get_attribute("placeholder") == "default 4"
+    from selenium.webdriver.support.ui import WebDriverWait  # the placeholder is the server's plan: asked on change
+
+    WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "steps").get_attribute("placeholder") == "default 4")
+    assert driver.find_element(By.ID, "scheduler-default").text == "default lcm"
     _fill(driver, "prompt", "a red circle")
     _fill(driver, "seed", "1")
     assert _generate(driver) == "done", _error_text(driver)

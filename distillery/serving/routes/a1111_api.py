@@ -2,7 +2,7 @@
 `webuiapi` and the scripts written for A1111 generate here. Every txt2img field A1111 knows is accepted: what applies
 is honoured (cfg_scale -> w = cfg_scale - 1, seed -1 = random, batch_size x n_iter images, `<lora:name:weight>` in
 the prompt, DDIM's eta); a field that would change the image and cannot be honoured (`enable_hr: true`, ...) is a 422
-naming it, never a silent ignore. Errors come in A1111's shape (distillery/serving/errors.py)."""
+naming it, never a silent ignore. Errors come in A1111's shape (`error_shape`)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,29 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from distillery.serving.errors import unprocessable
+from distillery.sampling.plan import SCHEDULER_NAMES
+from distillery.serving.config import Settings
+from distillery.serving.engine import Engine
+from distillery.serving.errors import Failure, unprocessable
 from distillery.serving.jobs import Job
 from distillery.serving.openapi import RETRY_AFTER
 from distillery.serving.prompt_tags import lora_tags
+from distillery.serving.routes.deps import engine_of, settings_of
 from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, FieldError, JSONRequest
-from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
+from distillery.serving.submit import encoded_b64, info_of, jobs_of, run_jobs
 
-# A1111 sampler name -> (distillery scheduler, A1111's aliases)
+# A1111 sampler name -> (distillery scheduler, A1111's aliases): every scheduler the plan knows, by A1111's name
 SAMPLERS = {"Euler a": ("euler_a", ["k_euler_a", "k_euler_ancestral"]), "Euler": ("euler", ["k_euler"]),
             "DDIM": ("ddim", []), "DPM++ 2M": ("dpm", ["k_dpmpp_2m"]), "LCM": ("lcm", ["k_lcm"])}
+assert sorted(s for s, _ in SAMPLERS.values()) == sorted(SCHEDULER_NAMES), "a scheduler without an A1111 name"
+# The engine's field names as A1111 calls them (cfg_scale = 1 + w)
+FIELDS = {"guidance": "cfg_scale", "scheduler": "sampler_name", "n": "batch_size"}
+HTTP_REASONS = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge",
+                422: "RequestValidationError", 429: "TooManyRequests", 503: "ServiceUnavailable"}
 EULER_A = ["Euler a", *SAMPLERS["Euler a"][1]]
 ETA_ONE = {"properties": {"eta": {"enum": [1, None]}}}
 SAMPLER_NAMES = tuple(n for name, (_, aliases) in SAMPLERS.items() for n in (name, *aliases))
@@ -162,15 +171,23 @@ def _script_on(script: Any) -> bool:
     return not (isinstance(args, list) and (not args or args[0] is False))
 
 
-def model_hash(request: Request) -> str:
+def model_hash(eng: Engine) -> str:
     """A1111's short hash of the loaded model: the first 10 hex digits of its fingerprint."""
-    return request.app.state.engine.model.fingerprint[:10]
+    return eng.fingerprint[:10]
 
 
-def model_title(request: Request) -> tuple[str, str]:
+def model_title(eng: Engine, settings: Settings) -> tuple[str, str]:
     """(A1111's title "name [hash]", name) of the loaded model."""
-    name = Path(request.app.state.settings.model_path).name
-    return f"{name} [{model_hash(request)}]", name
+    name = Path(settings.model_path).name
+    return f"{name} [{model_hash(eng)}]", name
+
+
+def error_shape(failure: Failure) -> JSONResponse:
+    """A1111's error body {error, detail, body, errors}, fields named as A1111 names them."""
+    detail = [{**f, "field": FIELDS.get(f["field"], f["field"])} for f in failure.fields] or failure.detail
+    error = {"error": HTTP_REASONS.get(failure.status, "Error"), "detail": detail, "body": "",
+             "errors": failure.message}
+    return JSONResponse(status_code=failure.status, content=error, headers=failure.headers)
 
 
 class A1111Error(BaseModel):
@@ -186,7 +203,8 @@ ERRORS = {status: {"model": A1111Error, "description": what, **({"headers": RETR
           for status, what in [
               (400, "A body that is not JSON text."), (404, "An unknown LoRA in the prompt, or checkpoint."),
               (422, "Invalid or unhonourable fields, each named with the values allowed."),
-              (429, "The queue is full."), (503, "Not answered in time, or the engine is not serving.")]}
+              (413, "The body is larger than the server takes."), (429, "The queue is full."),
+              (503, "Not answered in time, or the engine is not serving.")]}
 
 
 class Txt2ImgResponse(BaseModel):
@@ -197,42 +215,61 @@ class Txt2ImgResponse(BaseModel):
 
 
 @router.post("/txt2img", response_model=Txt2ImgResponse, responses=ERRORS)
-async def txt2img(req: Txt2ImgRequest, request: Request) -> dict:
-    """batch_size images per batch, n_iter batches; answers A1111's {images, parameters, info}."""
-    eng, limits = request.app.state.engine, request.app.state.limits
+async def txt2img(req: Txt2ImgRequest, request: Request, eng: Engine = Depends(engine_of),
+                  settings: Settings = Depends(settings_of)) -> dict:
+    """batch_size x n_iter images, queued together (A1111 makes its batches one after the other; here they share
+    UNet calls, with the same seeds and images); answers A1111's {images, parameters, info}."""
+    titles = model_title(eng, settings)
     checkpoint = req.override_settings and req.override_settings.sd_model_checkpoint
-    if checkpoint not in (None, *model_title(request)):
+    if checkpoint not in (None, *titles):
         raise unprocessable("override_settings.sd_model_checkpoint", f"override_settings.sd_model_checkpoint: no "
-                            f"checkpoint {checkpoint!r} here (allowed: {list(model_title(request))})", status=404)
+                            f"checkpoint {checkpoint!r} here (allowed: {list(titles)})", status=404)
     sampler = req.sampler_name or req.sampler_index
     scheduler = next((s for name, (s, aliases) in SAMPLERS.items() if sampler in (name, *aliases)), None)
     if scheduler == "euler_a" and req.eta not in (None, 1.0):
         raise unprocessable("eta", f"eta: {req.eta} cannot be honoured with Euler a: its noise is not scaled here "
                                    f"(allowed: 1 or null)")
-    check_limits(limits, req.width, req.height, req.steps)
     prompt, tagged = lora_tags(req.prompt)
-    guidance = eng.default_guidance if req.cfg_scale is None else req.cfg_scale - 1.0
-    job = Job(prompt=prompt, seed=0, guidance=guidance, steps=req.steps, scheduler=scheduler,
-              adapters=() if req.disable_extra_networks else tagged, height=req.height, width=req.width,
-              negative_prompt=req.negative_prompt, eta=(req.eta or 0.0) if scheduler == "ddim" else 0.0)
+    job = Job(prompt=prompt, guidance=None if req.cfg_scale is None else req.cfg_scale - 1.0, steps=req.steps, seed=0,
+              scheduler=scheduler, adapters=() if req.disable_extra_networks else tagged, height=req.height,
+              width=req.width, negative_prompt=req.negative_prompt,
+              eta=(req.eta or 0.0) if scheduler == "ddim" else 0.0)
     jobs = jobs_of(job, req.batch_size * req.n_iter, None if req.seed == -1 else req.seed)
-    results = []
-    for i in range(req.n_iter):  # batches one after the other, as A1111 makes them
-        batch = await run_jobs(eng, jobs[i * req.batch_size:(i + 1) * req.batch_size], request)
-        if batch is None:  # the client went away: its work was cancelled
-            return Response(status_code=499)
-        results += batch
+    results = await run_jobs(eng, jobs, request)
+    if results is None:  # the client went away: its work was cancelled
+        return Response(status_code=499)
     images = await encoded_b64(results) if req.send_images else []
-    return {"images": images, "parameters": req.model_dump(), "info": json.dumps(_info(req, results, request))}
+    parameters = {k: _echoable(v) for k, v in req.model_dump().items()}
+    return {"images": images, "parameters": parameters, "info": json.dumps(_info(req, results, eng, settings))}
 
 
-def _info(req: Txt2ImgRequest, results: list, request: Request) -> dict:
+ECHO_DEPTH = 32  # a free-form field (comments, script args) nested deeper is not echoed back
+
+
+def _echoable(value: Any) -> Any:
+    """`value` if it can be echoed in the answer as JSON (valid UTF-8, nested at most ECHO_DEPTH), else None:
+    what A1111 echoes is the client's own, and must never fail the answer after the images are made."""
+    def depth(v: Any, level: int = 0) -> int:
+        if level > ECHO_DEPTH or not isinstance(v, (dict, list)):
+            return level
+        return max((depth(x, level + 1) for x in (v.values() if isinstance(v, dict) else v)), default=level)
+
+    try:
+        if depth(value) > ECHO_DEPTH:
+            return None
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError, UnicodeEncodeError, RecursionError):
+        return None
+    return value
+
+
+def _info(req: Txt2ImgRequest, results: list, eng: Engine, settings: Settings) -> dict:
     """A1111's info (a JSON string in the answer), with each image's distillery info."""
     first = results[0].job
     seeds = [r.job.seed for r in results]
     sampler = next(name for name, (s, _) in SAMPLERS.items() if s == first.scheduler)
-    _, name = model_title(request)
-    short_hash = model_hash(request)
+    _, name = model_title(eng, settings)
+    short_hash = model_hash(eng)
     infotexts = [f"{first.prompt}\nNegative prompt: {first.negative_prompt}\nSteps: {r.job.steps}, Sampler: {sampler}, "
                  f"CFG scale: {r.job.guidance + 1.0}, Seed: {r.job.seed}, Size: {r.image.width}x{r.image.height}, "
                  f"Model hash: {short_hash}, Model: {name}" for r in results]
@@ -259,18 +296,16 @@ async def schedulers() -> list[dict]:
 
 
 @router.get("/sd-models")
-async def sd_models(request: Request) -> list[dict]:
+async def sd_models(eng: Engine = Depends(engine_of), settings: Settings = Depends(settings_of)) -> list[dict]:
     """The one loaded model (switching checkpoints is a restart with DISTILLERY_MODEL_PATH)."""
-    title, name = model_title(request)
-    return [{"title": title, "model_name": name, "hash": model_hash(request),
-             "sha256": request.app.state.engine.model.fingerprint,
-             "filename": request.app.state.settings.model_path, "config": None}]
+    title, name = model_title(eng, settings)
+    return [{"title": title, "model_name": name, "hash": model_hash(eng), "sha256": eng.fingerprint,
+             "filename": settings.model_path, "config": None}]
 
 
 @router.get("/loras")
-async def loras(request: Request) -> list[dict]:
+async def loras(eng: Engine = Depends(engine_of)) -> list[dict]:
     """Every adapter, by the name `<lora:name:weight>` takes."""
-    reg = request.app.state.engine.registry
-    return [{"name": name, "alias": name, "path": str(path),
-             "metadata": {"kind": a.meta.kind, "rank": a.meta.rank} if (a := reg.resident.get(name)) else {}}
-            for name, path in sorted(reg.known.items())]
+    return [{"name": a["name"], "alias": a["name"], "path": a["path"],
+             "metadata": {"kind": a["kind"], "rank": a["rank"]} if a["resident"] else {}}
+            for a in eng.adapters()["adapters"]]

@@ -2,23 +2,27 @@
 and everything built on it can generate here. A `model` is a preset: the base alone, the base with one adapter (every
 adapter is a model of its name), or an operator's set (`DISTILLERY_PRESETS`); `<lora:name:weight>` in the prompt adds
 adapters as in the A1111 API. Fields the server cannot honour are refused, never ignored. Errors come in OpenAI's shape
-(distillery/serving/errors.py)."""
+(`error_shape`)."""
 
 from __future__ import annotations
 
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 
-from distillery.serving.errors import unprocessable
+from distillery.sampling.plan import ModelLimits
+from distillery.serving.config import Settings, adapter_ref
+from distillery.serving.engine import Engine
+from distillery.serving.errors import Failure, unprocessable
 from distillery.serving.jobs import Job
-from distillery.serving.openapi import RETRY_AFTER, Limits
+from distillery.serving.openapi import RETRY_AFTER
 from distillery.serving.prompt_tags import lora_tags
+from distillery.serving.routes.deps import engine_of, settings_of
 from distillery.serving.schemas import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, JSONRequest
-from distillery.serving.submit import check_limits, encoded_b64, info_of, jobs_of, run_jobs
+from distillery.serving.submit import encoded_b64, info_of, jobs_of, run_jobs
 
 BASE_MODEL = "base"  # the model alone: CFG at the server's default w and steps
 SIZE_PATTERN = r"^(auto|[0-9]+x[0-9]+)$"  # the loaded model's exact sizes are stated in the OpenAPI document
@@ -88,7 +92,8 @@ ERRORS = {status: {"model": OpenAIError, "description": what, **({"headers": RET
           for status, what in [
               (400, "Invalid fields (error.param names the field), or a body that is not JSON text."),
               (404, "An unknown model (error.code model_not_found) or adapter."),
-              (429, "The queue is full."), (503, "Not answered in time, or the engine is not serving.")]}
+              (413, "The body is larger than the server takes."), (429, "The queue is full."),
+              (503, "Not answered in time, or the engine is not serving.")]}
 
 class ImageData(BaseModel):
     b64_json: str
@@ -116,35 +121,43 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def presets(request: Request) -> dict[str, tuple[tuple[str, float], ...]]:
+def error_shape(failure: Failure) -> JSONResponse:
+    """OpenAI's error body; invalid fields answer 400, as OpenAI answers them."""
+    status, fields = failure.status, failure.fields
+    kind = "invalid_request_error" if status < 429 else "rate_limit_error" if status == 429 else "server_error"
+    error = {"message": failure.message, "type": kind, "param": fields[0]["field"] if fields else None,
+             "code": fields[0].get("code") if fields else None}
+    return JSONResponse(status_code=400 if status == 422 else status, content={"error": error},
+                        headers=failure.headers)
+
+
+def presets(eng: Engine, settings: Settings) -> dict[str, tuple[tuple[str, float], ...]]:
     """Model id -> its adapters: the base, one per registered adapter, and the operator's presets."""
-    eng, configured = request.app.state.engine, request.app.state.settings.presets
-    found = {BASE_MODEL: (), **{name: ((name, 1.0),) for name in sorted(eng.registry.known)}}
-    for name, refs in configured.items():
-        found[name] = tuple((ref.partition(":")[0], float(ref.partition(":")[2] or 1.0)) for ref in refs)
+    found = {BASE_MODEL: (), **{a["name"]: ((a["name"], 1.0),) for a in eng.adapters()["adapters"]}}
+    for name, refs in settings.presets.items():
+        found[name] = tuple(adapter_ref(ref) for ref in refs)
     return found
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(request: Request) -> dict:
+async def list_models(eng: Engine = Depends(engine_of), settings: Settings = Depends(settings_of)) -> dict:
     """The presets a request's `model` may name."""
-    return {"data": [{"id": name, "created": CREATED, "owned_by": "distillery"} for name in presets(request)]}
+    return {"data": [{"id": name, "created": CREATED, "owned_by": "distillery"} for name in presets(eng, settings)]}
 
 
 @router.post("/images/generations", response_model=ImagesResponse, responses=ERRORS)
-async def generate_images(req: ImagesRequest, request: Request) -> dict:
+async def generate_images(req: ImagesRequest, request: Request, eng: Engine = Depends(engine_of),
+                          settings: Settings = Depends(settings_of)) -> dict:
     """`n` images of one preset, made together; the answer is OpenAI's ImagesResponse."""
-    eng, limits, known = request.app.state.engine, request.app.state.limits, presets(request)
+    known = presets(eng, settings)
     model = req.model or BASE_MODEL
     if model not in known:
         raise unprocessable("model", f"model: the model {model!r} does not exist (allowed: {sorted(known)})",
                             status=404, code="model_not_found")
-    width, height = _size(req.size, eng.model.default_size, limits)
-    check_limits(limits, width, height, req.steps)
+    width, height = _size(req.size, eng.limits)
     prompt, tagged = lora_tags(req.prompt)
-    job = Job(prompt=prompt, seed=0, guidance=eng.default_guidance if req.guidance is None else req.guidance,
-              steps=req.steps, adapters=known[model] + tagged, height=height, width=width,
-              negative_prompt=req.negative_prompt or "")
+    job = Job(prompt=prompt, guidance=req.guidance, steps=req.steps, seed=0, adapters=known[model] + tagged,
+              height=height, width=width, negative_prompt=req.negative_prompt or "")
     results = await run_jobs(eng, jobs_of(job, req.n or 1, req.seed), request)
     if results is None:  # the client went away: its work was cancelled
         return Response(status_code=499)
@@ -154,7 +167,8 @@ async def generate_images(req: ImagesRequest, request: Request) -> dict:
             "size": f"{width}x{height}", "info": [info_of(r) for r in results]}
 
 
-def _size(size: str | None, native: int, limits: Limits) -> tuple[int, int]:
+def _size(size: str | None, limits: ModelLimits) -> tuple[int, int]:
+    native = limits.native_size
     if size in (None, "auto"):
         return native, native
     width, height = (int(v) for v in size.split("x"))
