@@ -51,12 +51,12 @@ def _times(plan, model, registry, stock, peft_unet, a, b, rows: int, rounds: int
     batches = {"base": None}
     for mode, budget in (("fused", 0), ("merged", 64 << 30)):  # composed / merged once, outside the timing
         registry.merged_budget_bytes = budget
-        batches[mode] = registry.build_batch(split)
-        batches[f"{mode}_one_set"] = registry.build_batch(one)
+        batches[mode] = registry.backend.build_plan(split)
+        batches[f"{mode}_one_set"] = registry.backend.build_plan(one)
     assert batches["merged_one_set"].merged is not None and batches["fused"].merged is None
 
     def served(mode):
-        with torch.no_grad(), registry.context.running(batches[mode]):
+        with torch.no_grad(), registry.backend.running(batches[mode]):
             unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb)
 
     def plain(module):

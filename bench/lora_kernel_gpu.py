@@ -19,7 +19,7 @@ SHAPES = [(2 * 4096, 320, 320), (2 * 256, 1280, 1280), (2 * 4096, 320, 2560)]  #
 def shape_figures(m: int, k: int, n: int, bench, device: str = "cuda", dtype=torch.float16) -> dict[str, float]:
     """Each path's time over the base GEMM's at one shape, after checking the kernel against the reference;
     `bench(fn)` -> ms (triton.testing.do_bench on a GPU)."""
-    from distillery.kernels import LoRAWeights, RowSlots, lora_linear_reference
+    from distillery.kernels import LoRAWeights, RowMapping, lora_linear_reference
     from distillery.kernels.lora_triton import lora_linear_fused, lora_linear_triton
 
     rank, dev = min(64, k), {"device": device, "dtype": dtype}
@@ -27,7 +27,7 @@ def shape_figures(m: int, k: int, n: int, bench, device: str = "cuda", dtype=tor
     a, b = torch.randn(2, rank, k, **dev) / k**0.5, torch.randn(2, n, rank, **dev) / rank**0.5
     scales = torch.ones(2, device=device)
     rows = (torch.arange(m, device=device) >= m // 2).long()
-    lora, slots = LoRAWeights.of(a, b, scales), RowSlots.of(rows, device)  # once, as per UNet call in serving
+    lora, slots = LoRAWeights.of(a, b, scales), RowMapping.of(rows, device)  # once, as per UNet call in serving
     expected = lora_linear_reference(x.float(), w.float(), None, a.float(), b.float(), scales, rows)
     torch.testing.assert_close(lora_linear_fused(x, w, None, lora, slots).float(), expected, rtol=2e-2, atol=2e-2)
 

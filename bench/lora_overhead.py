@@ -41,12 +41,12 @@ def _ratios(model, registry, adapter, latent: int, tokens: int, rounds: int) -> 
     batches = {"base": None}
     for path, budget in (("unmerged", 0), ("merged", 16 << 30)):  # each composed once, outside the timing
         registry.merged_budget_bytes = budget
-        batches[path] = registry.build_batch([chosen, chosen])
+        batches[path] = registry.backend.build_plan([chosen, chosen])
     assert batches["merged"].merged and not batches["unmerged"].merged
 
 
     def call(path):
-        with registry.context.running(batches[path]), torch.no_grad():
+        with registry.backend.running(batches[path]), torch.no_grad():
             unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb)
 
     def call_stock():

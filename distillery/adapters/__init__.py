@@ -1,4 +1,4 @@
-"""Adapters over the one frozen base: the file format, LoRA keys, residency, composition, serving layers."""
+"""Adapters over the one frozen base: the file format, LoRA keys, residency, composition, the LoRA backends."""
 
 from distillery.adapters.files import (
                                        KINDS,
@@ -23,12 +23,12 @@ from distillery.adapters.loaded import (
                                        sampling_for,
                                        set_key,
 )
-from distillery.adapters.merged import default_merged_budget
+from distillery.adapters.backends import LoRABackend, SlotAdapters, default_merged_budget
 from distillery.adapters.registry import AdapterRegistry
-from distillery.adapters.residency import AdapterInUse, UnknownAdapter
+from distillery.adapters.residency import AdapterEntry, AdapterInUse, UnknownAdapter
 
-__all__ = ["KINDS", "LORA_FILE", "META_FILE", "PROJECTION_FILE", "STEP_DISTILLED", "W_CONDITIONED", "AdapterError",
-           "AdapterInUse", "AdapterMeta", "AdapterRegistry", "AdapterSet", "GuidanceOutOfRange",
-           "LoadedAdapter", "UnknownAdapter", "UnsupportedSampling", "check_guidance",
+__all__ = ["KINDS", "LORA_FILE", "META_FILE", "PROJECTION_FILE", "STEP_DISTILLED", "W_CONDITIONED", "AdapterEntry",
+           "AdapterError", "AdapterInUse", "AdapterMeta", "AdapterRegistry", "AdapterSet", "GuidanceOutOfRange",
+           "LoRABackend", "LoadedAdapter", "SlotAdapters", "UnknownAdapter", "UnsupportedSampling", "check_guidance",
            "default_merged_budget", "default_scheduler", "guidance_adapter", "read_adapter", "sampling_for",
            "save_adapter", "set_key"]

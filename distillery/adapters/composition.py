@@ -1,24 +1,25 @@
-"""Per-row LoRA slots: each slot's adapters joined by rank, A = [A1; A2], B = [s1 B1, s2 B2] (cached).
+"""A UNet call's adapter sets, each joined by rank for per-row LoRA: A = [A1; A2], B = [s1 B1, s2 B2] (cached).
 
-A composition is a `kernels.LoRAWeights` per layer: made once, it also keeps what the kernels read
-every call (the scales on the device and as host floats; A and B padded for Triton on first use).
+A composition is a `kernels.LoRAWeights` per layer, one set index per distinct set of the call: made
+once, it also keeps what the kernels read every call (the scales on the device and as host floats;
+A and B padded for Triton on first use).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from cachetools import LRUCache
 
 from distillery.adapters.loaded import AdapterSet, set_key
 from distillery.kernels import LoRAWeights
 
-MAX_CACHED_COMPOSITIONS = 16  # composed slot sets: each holds zero-padded copies of its adapters' factors
+MAX_CACHED_COMPOSITIONS = 16  # composed call sets: each holds zero-padded copies of its adapters' factors
 
 
-def compose_layer(layer: str, slot_sets: list[AdapterSet]) -> LoRAWeights:
-    """A (S, R, K) (or (S, R, C, k, k) for a k x k conv), B (S, N, R), scales (S,) and each slot's own rank
+def compose_layer(layer: str, call_sets: list[AdapterSet]) -> LoRAWeights:
+    """A (S, R, K) (or (S, R, C, k, k) for a k x k conv), B (S, N, R), scales (S,) and each set's own rank
     (the torch path skips the zero padding up to the largest R). Weights and scales are folded into B,
     so the scales are all 1."""
-    parts = [[(a.layers[layer], weight * a.scale) for a, weight in chosen if layer in a.layers] for chosen in slot_sets]
+    parts = [[(a.layers[layer], weight * a.scale) for a, weight in chosen if layer in a.layers] for chosen in call_sets]
     if len(parts) == 1 and len(parts[0]) == 1 and parts[0][0][1] == 1.0:  # one adapter at scale 1: views, no copy
         (a, b), _ = parts[0][0]
         return LoRAWeights.of(a[None], b[None], [1.0], (a.shape[0],))
@@ -37,22 +38,18 @@ def compose_layer(layer: str, slot_sets: list[AdapterSet]) -> LoRAWeights:
 
 
 class Compositions:
-    """Composed slots per layer, cached by the slot sets (not by the row pattern, which changes with every
+    """Composed sets per layer, cached by the call's sets (not by the row pattern, which changes with every
     request's arrival: compositions are the bytes worth keeping). On the torch thread only."""
 
     def __init__(self, max_cached: int = MAX_CACHED_COMPOSITIONS):
-        self.max_cached = max_cached
-        self._cache: OrderedDict[tuple, dict[str, LoRAWeights]] = OrderedDict()
+        self._cache: LRUCache[tuple, dict[str, LoRAWeights]] = LRUCache(max_cached)
 
     def clear(self) -> None:
         self._cache.clear()
 
-    def of(self, slot_sets: list[AdapterSet], layers: set[str]) -> dict[str, LoRAWeights]:
-        key = (tuple(set_key(chosen) for chosen in slot_sets), frozenset(layers))
-        composed = self._cache.get(key)
+    def of(self, call_sets: list[AdapterSet], layers: set[str]) -> dict[str, LoRAWeights]:
+        key = (tuple(set_key(chosen) for chosen in call_sets), frozenset(layers))
+        composed = self._cache.get(key)  # a hit is marked most recently used
         if composed is None:
-            composed = self._cache[key] = {layer: compose_layer(layer, slot_sets) for layer in layers}
-            while len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
+            composed = self._cache[key] = {layer: compose_layer(layer, call_sets) for layer in layers}
         return composed

@@ -1,8 +1,8 @@
 """Which adapters are known, which are resident within a byte budget (LRU), which are in use.
 
 Threads: the lock is held only for dict updates, never during file reads, so the event loop
-(acquire, release, lookups) never waits on disk or torch. An adapter leaving calls `on_leave`
-(the registry drops its cached compositions then, on the torch thread).
+(acquire, release, lookups, `entries`) never waits on disk or torch. An adapter leaving calls
+`on_leave` (the registry's backends drop their cached plans then, on the torch thread).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from distillery.adapters.files import AdapterError
 from distillery.adapters.loaded import AdapterSet, LoadedAdapter
@@ -24,12 +24,23 @@ class AdapterInUse(AdapterError):
     pass
 
 
+class AdapterEntry(NamedTuple):
+    """One registered adapter as listings show it."""
+
+    name: str
+    path: Path
+    adapter: LoadedAdapter | None  # None: evicted (read back from `path` on its next use)
+    in_use: int  # requests holding it
+
+
 class Residency:
     def __init__(self, read: Callable[[str, Path], LoadedAdapter], budget_bytes: int | None = None,
                  on_leave: Callable[[], None] = lambda: None):
         """`read(name, folder)` makes an adapter resident-ready (disk and copies); `budget_bytes`: None = no limit."""
         self._read_adapter, self.budget_bytes, self._on_leave = read, budget_bytes, on_leave
-        self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        # least recently used first; an OrderedDict, not a cachetools.LRUCache: eviction skips adapters in use
+        # and refuses (rather than drops) a newcomer that does not fit beside them
+        self.resident: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self.known: dict[str, Path] = {}  # every registered adapter, resident or evicted
         self.in_use: Counter[str] = Counter()
         self.loads = self.evictions = 0
@@ -44,6 +55,12 @@ class Residency:
         with self._lock:
             return {"resident": len(self.resident), "resident_bytes": self.resident_bytes, "loads": self.loads,
                     "evictions": self.evictions}
+
+    def entries(self) -> list[AdapterEntry]:
+        """Every registered adapter, by name, read together (any thread; marks nothing as used)."""
+        with self._lock:
+            return [AdapterEntry(name, path, self.resident.get(name), self.in_use[name])
+                    for name, path in sorted(self.known.items())]
 
     def _read(self, name: str, folder: Path) -> LoadedAdapter:
         adapter = self._read_adapter(name, folder)

@@ -20,7 +20,7 @@ from distillery.kernels.lora import (
     over_channels,
     segments_of,
 )
-from distillery.kernels.lora_meta import LoRAWeights, RowSlots, Workspace
+from distillery.kernels.lora_meta import LoRAWeights, RowMapping, Workspace
 
 
 def backend(device) -> str:
@@ -30,20 +30,20 @@ def backend(device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def lora_linear(x, weight, bias, lora: LoRAWeights, rows: RowSlots):
+def lora_linear(x, weight, bias, lora: LoRAWeights, mapping: RowMapping):
     """y = x W0^T + bias + per-row s (x A^T) B^T (semantics and shapes in distillery/kernels/lora.py).
 
-    `lora` (once per layer per adapter composition) and `rows` (once per UNet call) carry everything
+    `lora` (once per layer per adapter composition) and `mapping` (once per UNet call) carry everything
     either path reads besides x and W0, so a layer call makes no host copy, no sync and (Triton) no
     allocation beyond y. Arguments are not checked here: the registry checked them at load.
     """
     if backend(x.device) == "triton":
         from distillery.kernels.lora_triton import lora_linear_fused  # imports triton: only when it is used
 
-        return lora_linear_fused(x, weight, bias, lora, rows)
-    return lora_apply(x, weight, bias, lora.lora_a, lora.lora_b, lora.scale_floats, rows.segments, lora.ranks)
+        return lora_linear_fused(x, weight, bias, lora, mapping)
+    return lora_apply(x, weight, bias, lora.lora_a, lora.lora_b, lora.scale_floats, mapping.segments, lora.ranks)
 
 
-__all__ = ["LoRAWeights", "RowSlots", "Workspace", "add_to_rows", "backend", "check_lora_args", "copy_to_rows",
+__all__ = ["LoRAWeights", "RowMapping", "Workspace", "add_to_rows", "backend", "check_lora_args", "copy_to_rows",
            "gather_rows", "lora_apply", "lora_conv2d_reference", "lora_linear", "lora_linear_reference",
            "over_channels", "segments_of"]

@@ -1,18 +1,21 @@
-"""LoRA linear with a per-row adapter slot: the torch reference (CPU path and test oracle).
+"""LoRA linear with a per-row adapter set: the torch reference (CPU path and test oracle).
 
 Punica / S-LoRA (arXiv 2310.18547, 2311.03285) batch different adapters in one matmul;
 this is the same op for diffusion serving, where the rows of one UNet call belong to
 different requests, each with its own (composed) adapter set.
 
+Words: a row is one image row of the UNet call (x's leading dim); its tokens, flattened, are
+token rows (M = rows x T). The call's distinct adapter sets are numbered by set index s in
+[0, S); `set_of_row[r]` is row r's (-1: base only). A segment is a set index with its rows.
+
 Semantics:
-    y[r] = x[r] @ W0^T + bias + scales[s] * (x[r] @ A[s]^T) @ B[s]^T    with s = row_adapter[r]
+    y[r] = x[r] @ W0^T + bias + scales[s] * (x[r] @ A[s]^T) @ B[s]^T    with s = set_of_row[r]
     rows with s = -1 get the base only.
 Shape:
-    x (M, K) or (Bt, N, K) with row_adapter indexing the leading dim Bt;
-    weight (N_out, K); bias (N_out,) or None; lora_a (S, R, K); lora_b (S, N_out, R);
-    scales (S,); row_adapter (M,) or (Bt,) int64 in [-1, S).
-Composed adapter sets are rank-concatenated into one slot: A = [A1; A2], B = [s1 B1, s2 B2],
-padded with zeros to the largest rank R in the batch (zero rows/columns add nothing).
+    x (rows, K) or (rows, T, K); weight (N_out, K); bias (N_out,) or None; lora_a (S, R, K);
+    lora_b (S, N_out, R); scales (S,); set_of_row (rows,) int64 in [-1, S).
+A set of several adapters is rank-concatenated into one set index: A = [A1; A2], B = [s1 B1, s2 B2],
+padded with zeros to the largest rank R of the call (zero rows/columns of A, B add nothing).
 """
 
 from __future__ import annotations
@@ -21,17 +24,17 @@ import torch
 import torch.nn.functional as F
 
 
-def check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter) -> None:
+def check_lora_args(x, weight, bias, lora_a, lora_b, scales, set_of_row) -> None:
     """ValueError naming the tensors and their shapes when they do not fit together."""
     k = x.shape[-1]
-    shapes = _Shapes(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales, row_adapter=row_adapter)
+    shapes = _Shapes(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales, set_of_row=set_of_row)
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be (N, K) with K = x.shape[-1]; got {shapes}")
     if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[2] != k or lora_b.shape[1] != weight.shape[0] \
             or lora_a.shape[0] != lora_b.shape[0] or lora_a.shape[1] != lora_b.shape[2]:
         raise ValueError(f"lora_a must be (S, R, K) and lora_b (S, N, R); got {shapes}")
-    if row_adapter.dim() != 1 or row_adapter.shape[0] != x.shape[0] or row_adapter.dtype != torch.long:
-        raise ValueError(f"row_adapter must be int64 (x.shape[0],); got {shapes}, dtype {row_adapter.dtype}")
+    if set_of_row.dim() != 1 or set_of_row.shape[0] != x.shape[0] or set_of_row.dtype != torch.long:
+        raise ValueError(f"set_of_row must be int64 (x.shape[0],); got {shapes}, dtype {set_of_row.dtype}")
     _check_bias_scales_dtypes(x, weight, bias, lora_a, lora_b, scales, shapes)
 
 
@@ -57,17 +60,17 @@ def _check_bias_scales_dtypes(x, weight, bias, lora_a, lora_b, scales, shapes) -
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
 
 
-def segments_of(row_adapter, with_base: bool = False) -> list[tuple[int, slice | torch.Tensor | None]]:
-    """(slot, rows) per slot >= 0 present (and slot -1 too, `with_base`), in slot order. rows: None when the
-    slot covers every row, a slice when its rows are contiguous (callers that group rows by slot get views,
-    no gathers), else an index tensor. `row_adapter`: a list of ints (no device sync) or an int64 tensor."""
-    slots_of_rows = row_adapter.tolist() if isinstance(row_adapter, torch.Tensor) else list(row_adapter)
-    slots = sorted({s for s in slots_of_rows if with_base or s >= 0})
-    if len(slots) == 1 and all(s == slots[0] for s in slots_of_rows):
-        return [(slots[0], None)]
+def segments_of(set_of_row, with_base: bool = False) -> list[tuple[int, slice | torch.Tensor | None]]:
+    """(set index, rows) per set index >= 0 present (and -1 too, `with_base`), in index order. rows: None when
+    the set covers every row, a slice when its rows are contiguous (callers that group rows by set get views,
+    no gathers), else an index tensor. `set_of_row`: a list of ints (no device sync) or an int64 tensor."""
+    sets_of_rows = set_of_row.tolist() if isinstance(set_of_row, torch.Tensor) else list(set_of_row)
+    present = sorted({s for s in sets_of_rows if with_base or s >= 0})
+    if len(present) == 1 and all(s == present[0] for s in sets_of_rows):
+        return [(present[0], None)]
     segments = []
-    for s in slots:
-        rows = [i for i, si in enumerate(slots_of_rows) if si == s]
+    for s in present:
+        rows = [i for i, si in enumerate(sets_of_rows) if si == s]
         first, last = rows[0], rows[-1]
         segments.append((s, slice(first, last + 1) if last - first + 1 == len(rows) else torch.tensor(rows)))
     return segments
@@ -108,43 +111,43 @@ class _Shapes:
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                          lora_b: torch.Tensor, scales: torch.Tensor, row_adapter: torch.Tensor,
+                          lora_b: torch.Tensor, scales: torch.Tensor, set_of_row: torch.Tensor,
                           segments: list[tuple[int, torch.Tensor | None]] | None = None) -> torch.Tensor:
-    """`segments` (from `segments_of(row_adapter)`) may be passed to skip recomputing them per layer."""
-    check_lora_args(x, weight, bias, lora_a, lora_b, scales, row_adapter)
+    """`segments` (from `segments_of(set_of_row)`) may be passed to skip recomputing them per layer."""
+    check_lora_args(x, weight, bias, lora_a, lora_b, scales, set_of_row)
     return lora_apply(x, weight, bias, lora_a, lora_b, scales.tolist(),
-                      segments if segments is not None else segments_of(row_adapter))
+                      segments if segments is not None else segments_of(set_of_row))
 
 
 def lora_apply(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None) -> torch.Tensor:
     """The reference's arithmetic without argument checks: the serving layers' hot path (their
     shapes were checked when the adapter was loaded).
 
-    `scales`: per slot, Python floats (read once per composition, never per layer: on CUDA a
-    `.tolist()` here would sync per layer). `ranks` (per slot) skips the zero padding of composed
-    slots. Several slots in one call: every slot at once (`_add_lora_all_slots`: two GEMMs and a mask
+    `scales`: per set index, Python floats (read once per composition, never per layer: on CUDA a
+    `.tolist()` here would sync per layer). `ranks` (per set index) skips the zero padding of composed
+    sets. Several sets in one call: every set at once (`_add_lora_all_sets`: two GEMMs and a mask
     instead of a loop of gathers and small GEMMs).
     """
-    y = F.linear(x, weight, bias)  # (M, [N,] N_out)
+    y = F.linear(x, weight, bias)  # (rows, [T,] N_out)
     if len(segments) > 1:
-        return _add_lora_all_slots(y, x, lora_a, lora_b, scales, segments)
+        return _add_lora_all_sets(y, x, lora_a, lora_b, scales, segments)
     return _add_lora_terms(y, x, scales, segments, ranks if ranks is not None else [lora_a.shape[1]] * lora_a.shape[0],
                            lambda xs, s, r: F.linear(F.linear(xs, lora_a[s, :r]), lora_b[s, :, :r]))  # rank-r bottleneck
 
 
-def _add_lora_all_slots(y, x, lora_a, lora_b, scales, segments) -> torch.Tensor:
-    """y += per row: scales[s] (x A[s]^T) B[s]^T, all slots in one pass: every row is shrunk by every
-    slot's A (S R columns: cheap next to the base GEMM, R being small), the columns of other slots are
+def _add_lora_all_sets(y, x, lora_a, lora_b, scales, segments) -> torch.Tensor:
+    """y += per row: scales[s] (x A[s]^T) B[s]^T, all sets in one pass: every row is shrunk by every
+    set's A (S R columns: cheap next to the base GEMM, R being small), the columns of other sets are
     zeroed, and one GEMM expands with [scales[0] B[0], ..., scales[S-1] B[S-1]]."""
-    n_slots, rank, k = lora_a.shape
-    t = F.linear(x, lora_a.reshape(n_slots * rank, k))  # (M, [N,] S R)
-    keep = t.new_zeros(x.shape[0], n_slots, rank)
+    n_sets, rank, k = lora_a.shape
+    t = F.linear(x, lora_a.reshape(n_sets * rank, k))  # (rows, [T,] S R)
+    keep = t.new_zeros(x.shape[0], n_sets, rank)
     for s, rows in segments:
         keep[rows if rows is not None else slice(None), s] = 1.0
-    t = t * keep.view(x.shape[0], *([1] * (x.dim() - 2)), n_slots * rank)
+    t = t * keep.view(x.shape[0], *([1] * (x.dim() - 2)), n_sets * rank)
     if any(s != 1.0 for s in scales):  # the registry folds scales into B: 1.0 there, no tensor made
         lora_b = lora_b * lora_b.new_tensor(scales)[:, None, None]
-    b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n_slots * rank)  # (N, S R)
+    b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], n_sets * rank)  # (N, S R)
     return y.add_(F.linear(t, b))
 
 
@@ -157,8 +160,8 @@ def over_channels(x: torch.Tensor, linear) -> torch.Tensor:
 
 
 def _add_lora_terms(y, x, scales, segments, ranks, term) -> torch.Tensor:
-    """y[rows] += scale * term(x[rows], slot, rank) for each slot's rows (punica's SGMV, in torch); a
-    slot whose set leaves this layer alone has rank 0. `scales`: Python floats per slot."""
+    """y[rows] += scale * term(x[rows], s, rank) for each set index s's rows (punica's SGMV, in torch); a
+    set that leaves this layer alone has rank 0. `scales`: Python floats per set index."""
     for s, rows in segments:
         if ranks[s] == 0:
             continue
@@ -172,7 +175,7 @@ def _add_lora_terms(y, x, scales, segments, ranks, term) -> torch.Tensor:
 def lora_conv2d_reference(x, weight, bias, lora_a, lora_b, scales, segments, ranks=None, stride=1, padding=0,
                           dilation=1, check: bool = True) -> torch.Tensor:
     """LoRA on a k x k convolution (peft's layout: A a k x k conv to R channels, B a 1 x 1 conv back),
-    per-row slots like `lora_apply`. Torch only: the Triton kernel covers linear and 1 x 1 layers.
+    per-row adapter sets like `lora_apply`. Torch only: the Triton kernel covers linear and 1 x 1 layers.
 
     x (n, C, H, W); weight (N_out, C, k, k); lora_a (S, R, C, k, k); lora_b (S, N_out, R); scales (S,),
     a tensor or Python floats (the serving layers pass floats: no read back per layer).

@@ -1,4 +1,4 @@
-"""No host syncs inside a served UNet call: everything per call (slots, segments, scales) is computed once on
+"""No host syncs inside a served UNet call: everything per call (set indices, segments, scales) is computed once on
 the host from what the engine already knows. On CUDA each `.item()`, `.tolist()`, `nonzero()`, `bool(tensor)`
 or device-to-host copy stalls the GPU; on CPU the same calls are cheap but they are still made, so this CPU
 twin counts them in the UNet's forward."""
@@ -36,7 +36,7 @@ def test_a_mixed_per_row_call_makes_no_host_sync():
     t, text = torch.tensor([900, 500, 300, 100]), model.encode_prompts(["a red circle"] * len(sets))
     w = guidance_embedding(torch.tensor([0.0, 2.0, 1.0, 0.0]))
     with torch.no_grad():
-        with registry.active(sets):  # the per-call host work (slots, segments) happens here, once
+        with registry.active(sets):  # the per-call host work (set indices, segments) happens here, once
             counter = SyncCounter()
             with counter:
                 model.unet(x, t, encoder_hidden_states=text, timestep_cond=w)

@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from distillery.adapters import AdapterError, AdapterRegistry
-from distillery.adapters.slots import SlotAdapters, bucket_of
+from distillery.adapters.backends.compiled import SlotAdapters, bucket_of
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
@@ -73,7 +73,7 @@ def test_a_swapped_in_adapter_takes_the_slot_in_place(served):
 
 def test_no_recompiles_across_swaps_sets_weights_w_and_bucketed_batch_sizes(served):
     """Dynamo's guards decide recompilation whatever the backend: `eager` keeps the test fast. Four adapters
-    take turns in three slots (`call` copies in what a call needs), sets, weights, w and row counts vary."""
+    take turns in three slots (`eps` copies in what a call needs), sets, weights, w and row counts vary."""
     eager, registry, a, model, slots = served
     rng = random.Random(0)
 
@@ -83,7 +83,7 @@ def test_no_recompiles_across_swaps_sets_weights_w_and_bucketed_batch_sizes(serv
                 + (((a["stripes-toy"], 0.7),) if rng.random() < 0.5 else ()) for _ in range(rows)]
         x, t, text, w = _inputs(model, sets, seed)
         with torch.no_grad():
-            got = slots.call(x, t, text, w, sets)
+            got = slots.eps(x, t, text, w, sets)
         torch.testing.assert_close(got, _eager(eager, registry, sets, x, t, text, w), rtol=1e-4, atol=1e-4)
 
     for size in (1, 2, 4):  # warm-up: one graph per bucket

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distillery.adapters import AdapterRegistry
-from distillery.kernels import LoRAWeights, RowSlots, lora_triton
+from distillery.kernels import LoRAWeights, RowMapping, lora_triton
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_MODEL
 from distillery.testing.synthetic_adapters import write_random_adapter
@@ -48,12 +48,12 @@ def _inputs(model, rows: int) -> dict[str, torch.Tensor]:
 
 
 def _counting(monkeypatch, counts):
-    """Count RowSlots builds, padded-weight builds, and the fused kernel's calls; the convenience wrapper (which
+    """Count RowMapping builds, padded-weight builds, and the fused kernel's calls; the convenience wrapper (which
     builds metadata per call) must not run at all."""
-    init = RowSlots.__init__
+    init = RowMapping.__init__
 
     def counted_init(self, *args, **kwargs):
-        counts["row_slots"] += 1
+        counts["mappings"] += 1
         init(self, *args, **kwargs)
 
     padded = LoRAWeights.padded.func
@@ -73,7 +73,7 @@ def _counting(monkeypatch, counts):
     def wrapper(*args):
         raise AssertionError("the serving path must not build per-call metadata per layer")
 
-    monkeypatch.setattr(RowSlots, "__init__", counted_init)
+    monkeypatch.setattr(RowMapping, "__init__", counted_init)
     monkeypatch.setattr(LoRAWeights, "padded", prop)
     monkeypatch.setattr(lora_triton, "lora_linear_fused", counted_fused)
     monkeypatch.setattr(lora_triton, "lora_linear_triton", wrapper)
@@ -81,7 +81,7 @@ def _counting(monkeypatch, counts):
 
 def test_metadata_is_built_once_per_unet_call_not_per_layer(served, monkeypatch):
     model, registry, a, b = served
-    counts = dict.fromkeys(("row_slots", "padded", "fused"), 0)
+    counts = dict.fromkeys(("mappings", "padded", "fused"), 0)
     _counting(monkeypatch, counts)
     registry.forget_cached()  # nothing cached from elsewhere
     calls = [[a, a, (), b], [a, a, (), b], [b, a]]  # a call, the same row pattern again (cached), another
@@ -95,14 +95,14 @@ def test_metadata_is_built_once_per_unet_call_not_per_layer(served, monkeypatch)
                     y = model.unet.get_submodule(name)(inputs[name])
                     monkeypatch.setenv("DISTILLERY_LORA_BACKEND", "torch")  # the torch path: the reference
                     torch.testing.assert_close(y, model.unet.get_submodule(name)(inputs[name]), rtol=1e-4, atol=1e-4)
-                    buffers.add(registry._workspace.buffer.data_ptr())
+                    buffers.add(registry.backend.workspace.buffer.data_ptr())
     assert counts["fused"] == len(LAYERS) * len(calls)
-    assert counts["row_slots"] == 2  # one per distinct row pattern, not one per layer (nor per call of a cached one)
+    assert counts["mappings"] == 2  # one per distinct row pattern, not one per layer (nor per call of a cached one)
     assert counts["padded"] == len(LAYERS) * 2  # once per layer per composition ([a, b] and [b, a])
-    assert registry._workspace.grown == 1 and len(buffers) == 1  # one shrink buffer for every layer and call
+    assert registry.backend.workspace.grown == 1 and len(buffers) == 1  # one shrink buffer for every layer and call
 
 
-@pytest.mark.parametrize("pattern", ["aa", "a-bb"])  # one slot (a loop over segments), several (all at once)
+@pytest.mark.parametrize("pattern", ["aa", "a-bb"])  # one set (a loop over segments), several (all at once)
 def test_torch_path_reads_nothing_back_per_layer(served, monkeypatch, pattern):
     """Scales as host floats, segments on the host: no .tolist() / .item() (a GPU sync each on CUDA) per layer."""
     model, registry, a, b = served

@@ -223,18 +223,18 @@ def test_switching_adapters_copies_neither_w0_nor_adapter_weights(root):
     b = registry.load("b", root / "spare" / "style1")
     layer = next(iter(a.layers))
     for chosen in (((a, 1.0),), ((b, 1.0),), ((a, 1.0),)):
-        batch = registry.batch([chosen, chosen])
+        batch = registry.backend.plan([chosen, chosen])
         lora_a, lora_b, scales, _ = batch.layers[layer]
         assert lora_a.data_ptr() == chosen[0][0].layers[layer][0].data_ptr()  # a view, not a copy
         assert lora_b.data_ptr() == chosen[0][0].layers[layer][1].data_ptr() and float(scales[0]) == 1.0
     weighted = ((b, 0.5),)  # the weight is folded into B once; switching back finds that composition
-    first = registry.batch([weighted]).layers[layer]
-    registry.batch([((a, 1.0),)])
-    again = registry.batch([weighted]).layers[layer]
+    first = registry.backend.plan([weighted]).layers[layer]
+    registry.backend.plan([((a, 1.0),)])
+    again = registry.backend.plan([weighted]).layers[layer]
     assert again[1].data_ptr() == first[1].data_ptr()
     torch.testing.assert_close(first[1][0], b.layers[layer][1] * 0.5 * b.scale)
     registry.merged_budget_bytes = 64 << 20  # merged path: W0 + BA in new tensors, W0 itself untouched
-    merged = registry.batch([((a, 1.0),)]).merged
+    merged = registry.backend.plan([((a, 1.0),)]).merged
     assert merged and all(weight.data_ptr() not in w0.values() for weight in merged.values())
     assert {n.replace(".base.", "."): p.data_ptr() for n, p in model.unet.named_parameters()} == w0
     for n, p in model.unet.named_parameters():
