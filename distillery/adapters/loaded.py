@@ -7,23 +7,11 @@ from pathlib import Path
 
 import torch
 
-from distillery.adapters.files import (STEP_DISTILLED, W_CONDITIONED, AdapterError, AdapterMeta, read_adapter,
+from distillery.adapters.files import (W_CONDITIONED, AdapterError, AdapterMeta, read_adapter,
                                        read_lora_file)
 from distillery.adapters.keys import fit_to_layer, unet_lora_pairs
 
 AdapterSet = tuple[tuple["LoadedAdapter", float], ...]  # (adapter, weight) pairs: what one image row uses
-
-
-class GuidanceOutOfRange(AdapterError):
-    pass
-
-
-class UnsupportedSampling(AdapterError):
-    """A scheduler or step count the request's step-distilled adapter cannot sample with."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(eq=False)
@@ -51,47 +39,6 @@ class LoadedAdapter:
 def set_key(chosen: AdapterSet) -> tuple[tuple[str, float], ...]:
     """An adapter set by its adapters' names and weights: its identity in caches and in batch order."""
     return tuple((a.name, weight) for a, weight in chosen)
-
-
-def guidance_adapter(chosen: AdapterSet) -> LoadedAdapter | None:
-    """The set's w-conditioned adapter (guidance, consistency or progressive: it makes sampling single-eval),
-    if any; at most one is allowed."""
-    distilled = [a for a, _ in chosen if a.single_eval]
-    if len(distilled) > 1:
-        raise AdapterError(f"at most one distilled adapter (kind {' / '.join(W_CONDITIONED)}) per request, got "
-                           f"{[a.name for a in distilled]} (allowed: one of them, with any style adapters)")
-    return distilled[0] if distilled else None
-
-
-def check_guidance(chosen: AdapterSet, guidance: float) -> None:
-    """A guidance-distilled adapter only knows the w range it was trained on."""
-    distilled = guidance_adapter(chosen)
-    if distilled and not distilled.meta.w_min <= guidance <= distilled.meta.w_max:
-        raise GuidanceOutOfRange(f"guidance {guidance} is outside adapter {distilled.name!r}'s trained range "
-                                 f"[{distilled.meta.w_min}, {distilled.meta.w_max}]")
-
-
-def default_scheduler(distilled: LoadedAdapter | None) -> str:
-    """What a request that names no scheduler samples with: its distilled adapter's own, else DDIM."""
-    return distilled.meta.recommended_scheduler if distilled else "ddim"
-
-
-def sampling_for(chosen: AdapterSet, scheduler: str | None, steps: int | None, default_steps: int) -> tuple[str, int]:
-    """The scheduler and step count a request samples with: asked for, else its distilled adapter's own, else
-    DDIM at `default_steps`. UnsupportedSampling names the allowed values of a step-distilled adapter."""
-    distilled = guidance_adapter(chosen)
-    meta = distilled.meta if distilled else None
-    scheduler = scheduler or default_scheduler(distilled)
-    steps = steps or (meta.recommended_steps if meta and meta.kind in STEP_DISTILLED else default_steps)
-    if meta and meta.schedulers and scheduler not in meta.schedulers:
-        raise UnsupportedSampling("scheduler", f"scheduler: {scheduler!r} cannot sample adapter {distilled.name!r} "
-                                               f"(allowed: {' or '.join(meta.schedulers)})")
-    if meta and meta.steps and steps not in meta.steps:
-        contiguous = len(meta.steps) > 1 and meta.steps == list(range(min(meta.steps), max(meta.steps) + 1))
-        allowed = f"integer in [{min(meta.steps)}, {max(meta.steps)}]" if contiguous else f"one of {meta.steps}"
-        raise UnsupportedSampling("steps", f"steps: adapter {distilled.name!r} was distilled for other step counts "
-                                           f"than {steps} (allowed: {allowed})")
-    return scheduler, steps
 
 
 def plain_lora_meta(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], base_fingerprint: str) -> AdapterMeta:

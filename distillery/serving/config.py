@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     adapter_budget_bytes: int | None = None  # resident adapter bytes; least recently used evicted beyond it
     # 0: adapters run as per-row LoRA (the fused kernel on CUDA); > 0: every adapter set runs on its own
     # merged copy of the layers it touches (W0 + BA: faster, more memory), this many bytes kept cached.
-    # Unset: 2 GiB on CPU, 0 on CUDA (distillery/adapters/registry.py: default_merged_budget)
+    # Unset: 2 GiB on CPU, 0 on CUDA (distillery/adapters/backends/merged.py: default_merged_budget)
     merged_cache_bytes: int | None = None
     api_key: str | None = None  # POST/DELETE /adapters need it in X-API-Key; unset: those routes answer 403
     request_timeout_s: float = 120.0  # a request not answered by then gets 503 with Retry-After

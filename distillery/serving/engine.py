@@ -122,7 +122,7 @@ class Engine:
         reg = self.registry
         listed = [{"name": name, "path": str(path), "resident": adapter is not None, "in_use": in_use,
                    **(describe(adapter) if adapter is not None else {})}
-                  for name, path, adapter, in_use in _entries(reg)]
+                  for name, path, adapter, in_use in reg.entries()]
         return {"budget_bytes": reg.budget_bytes, "resident_bytes": reg.resident_bytes, "adapters": listed}
 
     # ---- requests
@@ -293,6 +293,3 @@ def describe(adapter: LoadedAdapter) -> dict:
            "steps": meta.steps or None}
     return {**out, "w_range": [meta.w_min, meta.w_max]} if adapter.single_eval else out
 
-
-def _entries(reg):  # TODO registry.entries()
-    return [(name, path, reg.resident.get(name), reg.in_use[name]) for name, path in sorted(reg.known.items())]

@@ -12,7 +12,7 @@ from cachetools import LRUCache
 
 from distillery.adapters.composition import Compositions
 from distillery.adapters.layers import CallPlan, LoRAContext
-from distillery.adapters.loaded import AdapterSet, guidance_adapter, set_key
+from distillery.adapters.loaded import AdapterSet, set_key
 from distillery.kernels import RowMapping, Workspace
 
 MAX_CACHED_PLANS = 64  # row patterns (steady batches and switches back cost a lookup)
@@ -75,7 +75,9 @@ class PerRowBackend:
         """A set index per distinct non-empty set, its w projection, and the weights its layers run on."""
         call_sets, set_of_row = index_sets(row_sets)
         plan = CallPlan(RowMapping.of(set_of_row, self.device, self.workspace))  # once per row pattern
-        plan.projections = [(d.projection if (d := guidance_adapter(chosen)) else None) for chosen in call_sets]
+        # the w projection of the set's w-conditioned adapter (the plan allows one per set), if it has one
+        plan.projections = [next((a.projection for a, _ in chosen if a.projection is not None), None)
+                            for chosen in call_sets]
         self.add_weights(plan, call_sets, set_of_row)
         return plan
 
