@@ -66,7 +66,11 @@ from fastapi.testclient import TestClient
 def run(target, factory, **kw):  # what uvicorn would serve, started in-process
     module, name = target.split(":")
     with TestClient(getattr(__import__(module, fromlist=[name]), name)()) as client:
-        assert client.get("/readyz").status_code == 200
+        import time
+        deadline = time.monotonic() + 240  # the model loads behind the live socket
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "not ready in time"
+            time.sleep(0.1)
 uvicorn.run = run
 
 from distillery.cli import main

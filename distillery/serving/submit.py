@@ -45,10 +45,11 @@ async def encoded_b64(results: list[Result], fmt: str = "png", quality: int | No
     return await asyncio.to_thread(lambda: [base64.b64encode(r.encoded(fmt, quality)).decode() for r in results])
 
 
-async def streamed(eng: Engine, jobs: list[Job], answer) -> EventSourceResponse:
+async def streamed(eng: Engine, jobs: list[Job], answer, drain_s: float) -> EventSourceResponse:
     """Server-sent events: `progress` {index, step, steps} after each step of image `index`, then `result` with
     `await answer(results)`, or `error` {status, detail} if it fails once the stream began. Refusals are raised
-    here, before the stream, so they answer as HTTP errors; a client that goes away cancels the work."""
+    here, before the stream, so they answer as HTTP errors; a client that goes away cancels the work. A stream in
+    flight at shutdown may finish for `drain_s` (sse-starlette would otherwise end it at SIGTERM)."""
     events: asyncio.Queue = asyncio.Queue()
     items = await eng.submit_all(jobs, on_step=lambda i, k, n: events.put_nowait(
         ("progress", {"index": i, "step": k, "steps": n})))
@@ -66,7 +67,7 @@ async def streamed(eng: Engine, jobs: list[Job], answer) -> EventSourceResponse:
         finally:
             run.cancel()  # the client left (sse-starlette cancels this generator): the engine drops the work
 
-    return EventSourceResponse(stream(), sep="\n", headers={"Cache-Control": "no-cache"})
+    return EventSourceResponse(stream(), sep="\n", headers={"Cache-Control": "no-cache"}, shutdown_grace_period=drain_s)
 
 
 def _event(name: str, data: dict) -> dict:

@@ -243,7 +243,7 @@ STATUSES = {
     ("/adapters/{name}", "delete"): {"200", "401", "403", "404", "409"},
     ("/model", "get"): {"200"},
     ("/metrics", "get"): {"200"},
-    ("/healthz", "get"): {"200"},
+    ("/healthz", "get"): {"200", "503"},
     ("/readyz", "get"): {"200", "503"},
     ("/v1/images/generations", "post"): {"200", "400", "404", "413", "429", "503"},
     ("/v1/models", "get"): {"200"},

@@ -137,7 +137,8 @@ def test_sigterm_drains_the_request_in_flight_then_exits_within_the_bound():
                         late = "refused"
                     assert late in (503, "refused")
         assert events[-1] == "result" and events.count("progress") == 30  # the request in flight was answered
-        assert proc.wait(timeout=65) == 0 and time.monotonic() - t0 < 65
+        # uvicorn re-raises the signal once drained: the exit status says SIGTERM
+        assert proc.wait(timeout=65) in (0, -signal.SIGTERM) and time.monotonic() - t0 < 65
     finally:
         if proc.poll() is None:
             proc.kill()

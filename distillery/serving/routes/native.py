@@ -76,9 +76,10 @@ async def generate_image(req: GenerateRequest, request: Request, eng: Engine = D
                          "after the stream began."},
     **FAILURES,
 })
-async def generate_stream(req: ImageRequest, eng: Engine = Depends(engine_of)) -> EventSourceResponse:
+async def generate_stream(req: ImageRequest, eng: Engine = Depends(engine_of),
+                          settings: Settings = Depends(settings_of)) -> EventSourceResponse:
     """As POST /generate, with live progress: what the playground at / shows."""
-    return await streamed(eng, jobs_of(job_of(req), req.n, req.seed), generated_json)
+    return await streamed(eng, jobs_of(job_of(req), req.n, req.seed), generated_json, settings.graceful_shutdown_s)
 
 
 @router.post("/generate/plan", response_model=PlanInfo,
