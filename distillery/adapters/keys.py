@@ -102,16 +102,24 @@ def unet_lora_pairs(lora: dict[str, torch.Tensor], source: Path) -> dict[str, tu
 
 def fit_to_layer(folder: Path, layer: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor):
     """A LoRA pair checked against its base layer, in owned memory: A (r, K) and B (N, r) for a Linear
-    or a 1 x 1 conv, A (r, C, k, k) and B (N, r) for a k x k conv (peft's conv layout). Owned: copied once,
-    not the file's memory map (the first write into a mapping pays page faults)."""
+    or a 1 x 1 conv, A (r, C, k, k) and B (N, r, 1, 1) for a k x k conv (peft's conv layout), r >= 1, finite.
+    Owned: copied once, not the file's memory map (the first write into a mapping pays page faults)."""
     if isinstance(base, nn.Linear):
         want_a, want_b = (base.in_features,), (base.out_features,)
     else:  # nn.Conv2d
         out_ch, in_ch, kh, kw = base.weight.shape
         want_a, want_b = (in_ch, kh, kw), (out_ch, 1, 1)
-    if a.shape[1:] != want_a or b.shape[0] != want_b[0] or b.shape[2:] != want_b[1:] or a.shape[0] != b.shape[1]:
-        raise AdapterError(f"{folder}: layer {layer!r} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base "
-                           f"layer's weight is {tuple(base.weight.shape)}")
+    shapes = f"A {tuple(a.shape)}, B {tuple(b.shape)}; the base layer's weight is {tuple(base.weight.shape)}"
+    if a.dim() != 1 + len(want_a) or b.dim() != 1 + len(want_b):
+        raise AdapterError(f"{folder}: layer {layer!r} has {shapes}: A must be {1 + len(want_a)}-D and B "
+                           f"{1 + len(want_b)}-D for a {type(base).__name__}")
+    if a.shape[0] != b.shape[1] or a.shape[0] < 1:
+        raise AdapterError(f"{folder}: layer {layer!r} has {shapes}: A's rows and B's columns are the rank, the same "
+                           f"number, at least 1")
+    if a.shape[1:] != want_a or b.shape[0] != want_b[0] or b.shape[2:] != want_b[1:]:
+        raise AdapterError(f"{folder}: layer {layer!r} has {shapes}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(f"{folder}: layer {layer!r} holds NaN or infinite values")
     if a.dim() == 4 and a.shape[2:] == (1, 1):
         a = a.flatten(1)  # a 1 x 1 conv is linear over channels
     b = b.flatten(1)

@@ -51,8 +51,18 @@ def plain_lora_meta(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], base_f
 
 def read_loaded(name: str, path: Path, model) -> LoadedAdapter:
     """Read and check an adapter folder, or a plain LoRA .safetensors file, against `model` (whose UNet has
-    serving layers), in owned memory."""
+    serving layers), in owned memory. Every failure is an AdapterError naming the file: one bad adapter is
+    refused (400) or skipped at start, never a server that cannot start."""
     path = Path(path)
+    try:
+        return _read_loaded(name, path, model)
+    except AdapterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever else reading these files raised (a library's own error)
+        raise AdapterError(f"{path}: cannot be read as an adapter: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_loaded(name: str, path: Path, model) -> LoadedAdapter:
     if path.is_file():
         lora, meta, projection = read_lora_file(path), None, None
     else:

@@ -9,7 +9,9 @@ them to forget theirs, which they drop there.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from distillery.adapters.backends import (
     LoRABackend,
@@ -25,15 +27,15 @@ from distillery.model import DiffusionModel
 
 class AdapterRegistry:
     def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int | None = None,
-                 slots: SlotAdapters | None = None):
+                 slots: SlotAdapters | None = None, check: Callable[[LoadedAdapter], None] | None = None):
         """`budget_bytes`: resident adapters' bytes (None: no limit). `merged_budget_bytes` > 0: a call's adapter
         sets run on merged weights (W0 + BA, cached up to this many bytes; the running call's sets always stay);
         0: per-row LoRA. None: the device's default. `slots` (installed into the model's UNet already): UNet
-        calls run through them (the compiled UNet) instead."""
+        calls run through them (the compiled UNet) instead. `check(adapter)`: what the caller requires of every
+        adapter read (the server: that the sampling plan accepts its own sampling); AdapterError refuses it."""
         self.model, self.slots = model, slots
         self.backends = available_backends(model, slots)  # raises if another registry serves this UNet
-        self.residency = Residency(lambda name, folder: read_loaded(name, folder, model), budget_bytes,
-                                   on_leave=self.forget_cached)
+        self.residency = Residency(partial(_read_checked, model, check), budget_bytes, on_leave=self.forget_cached)
         self.merged_budget_bytes = (default_merged_budget(model.device) if merged_budget_bytes is None
                                     else merged_budget_bytes)
 
@@ -121,3 +123,10 @@ class AdapterRegistry:
     @property
     def evictions(self) -> int:
         return self.residency.evictions
+
+
+def _read_checked(model: DiffusionModel, check, name: str, folder: Path) -> LoadedAdapter:
+    adapter = read_loaded(name, folder, model)
+    if check is not None:
+        check(adapter)
+    return adapter

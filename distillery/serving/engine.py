@@ -29,8 +29,8 @@ from distillery.adapters.backends import SlotAdapters
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM
 from distillery.sampling.pipeline import finish_denoising, start_denoising, unet_step
-from distillery.sampling.plan import (DEFAULT_SCHEDULER, Ask, ModelLimits, SamplingPlan, check_cost, distilled_adapter,
-                                      plan_sampling)
+from distillery.sampling.plan import (DEFAULT_SCHEDULER, Ask, ModelLimits, PlanRefused, SamplingPlan, check_cost,
+                                      distilled_adapter, plan_sampling)
 from distillery.serving.admission import Admission
 from distillery.serving.config import Settings
 from distillery.serving.jobs import (EngineUnavailable, InFlight, Job, QueueFull, RequestTimeout, Result,
@@ -56,7 +56,8 @@ class Engine:
         registry: serving layers, or `slots` (compiled). `limits`: default the model's own, no operator cap."""
         self.model = model
         self.limits = limits or ModelLimits.of(model)
-        self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes, slots)
+        self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes, slots,
+                                        check=self.check_sampling)
         self.metrics = metrics or Metrics()
         self.timeout_s, self.deterministic, self.on_death = timeout_s, deterministic, on_death
         self.admission = Admission(queue_size, max_rows)
@@ -93,6 +94,24 @@ class Engine:
     @property
     def fingerprint(self) -> str:
         return self.model.fingerprint
+
+    def check_sampling(self, adapter: LoadedAdapter) -> None:
+        """An adapter's own sampling (recommended scheduler and steps, each scheduler it allows) planned as a request
+        naming nothing else would be: refused at load, naming its file and field, not at every request using it.
+        The plan stays the one home of scheduler names and step caps (adapters cannot import it)."""
+        meta = adapter.meta
+        guidance = meta.w_min if adapter.single_eval else None  # within the range the plan checks
+        asked = {"recommended_scheduler": meta.recommended_scheduler,
+                 **{f"schedulers[{i}]": name for i, name in enumerate(meta.schedulers)}}
+        where = adapter.path / META_FILE if adapter.path.is_dir() else adapter.path
+        for field, scheduler in asked.items():
+            try:
+                plan_sampling(self.limits, ((adapter, 1.0),), Ask(guidance=guidance, scheduler=scheduler))
+            except PlanRefused as exc:
+                raise AdapterError(f"{where}: {'recommended_steps' if exc.field == 'steps' else field}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a scheduler_config the scheduler cannot take
+                raise AdapterError(f"{where}: scheduler_config: the {scheduler} scheduler cannot be made with it: "
+                                   f"{type(exc).__name__}: {exc}") from None
 
     def load_adapters_from(self, root: str | Path) -> list[str]:
         """Register every adapter folder under `root` (named after it) and LoRA file `root/<name>.safetensors`."""
