@@ -1,4 +1,8 @@
+"""Fixtures every test room shares (the toy model, a random-weight toy folder, a live server) and the `heavy`
+marker: which tests `pytest -m "not heavy"` leaves out of the quick loop (`make test` runs them all)."""
+
 import os
+import warnings
 from pathlib import Path
 
 # Triton runs on CPU only in its interpreter, which must be chosen before anything imports triton.
@@ -46,3 +50,65 @@ def running_server():
     """`distillery serve` (uvicorn, the embedded model) on a loopback port; yields its URL."""
     with serve_subprocess(ready_within_s=READY_WITHIN_S) as url:
         yield url
+
+
+# Heavy: over ~5 s on the 2-core machine because it trains, starts a server process, a browser or Prometheus,
+# compiles, or runs the benchmarks. Named here, by file, by test or by the fixture that costs, so the quick
+# loop is decided in one place (a file may also mark itself: pytestmark); a slow-marked test is heavy too.
+HEAVY_FILES = {
+    "serving/test_openapi_conformance.py": "schemathesis over a live server",
+    "serving/test_uvicorn_e2e.py": "uvicorn in a subprocess",
+    "serving/test_client_apis.py": "a live server and the real client libraries",
+    "serving/test_playground.py": "headless Chromium against a live server",
+    "serving/test_pruned_base.py": "a live server on the pruned base",
+    "deploy/test_prometheus_scrape.py": "a real Prometheus scraping a live server",
+    "distill/test_distributed.py": "distillers under accelerate launch, 2 processes",
+    "distill/test_no_side_effects.py": "train-toy and distill-guidance runs",
+    "kernels/test_lora_triton_compiles.py": "Triton and ptxas compile for sm_90",
+    "sampling/test_deterministic.py": "crowds of requests, row by row, through every backend",
+}
+HEAVY_TESTS = {  # file -> its heavy tests: a name (every parametrization) or name[id] (that one)
+    "adapters/test_slots.py": {"test_no_recompiles_across_swaps_sets_weights_w_and_bucketed_batch_sizes"},  # compiles
+    "adapters/test_loaded.py": {"test_kohya_file_serves_what_peft_computes"},  # peft and the served UNet, twice
+    "adapters/test_backends.py": {"test_every_backend_gives_the_reference_eps"},  # each backend, Triton interpreted
+    "distill/test_atomic_artefacts.py": {  # accelerate launch, 2 processes
+        "test_two_processes_write_one_checkpoint_and_a_resume_goes_on_from_it"},
+    "distill/test_fid_and_style.py": {"test_fid_sees_a_one_pixel_blur_that_alignment_cannot"},  # renders and FIDs
+    "distill/test_guidance_distill.py": {"test_untrained_student_equals_conditional_teacher_and_shares_w0"},  # peft
+    "distill/test_pruning.py": {  # an SD-1.5-shaped UNet
+        "test_pruned_unet_holds_the_teachers_remaining_weights_and_the_teacher_is_untouched",
+        "test_dropping_the_mid_block_leaves_the_down_path_exactly_as_it_was"},
+    "distill/test_style_lora.py": {"test_style_lora_trains_and_loads_as_a_style_adapter"},  # a training run
+    "distill/test_step_distill.py": {  # distillation runs
+        "test_consistency_adapter_starts_from_the_guidance_adapter_and_serves_with_lcm_in_few_steps",
+        "test_progressive_rounds_chain_teacher_to_student_and_a_finished_round_is_not_rerun"},
+    "serving/test_bad_adapters.py": {  # a server process
+        "test_a_server_started_on_a_root_with_broken_adapters_serves_the_good_ones"},
+    "serving/test_compiled.py": {"test_compiled_server_serves_the_same_images_without_recompiling"},  # compiles
+    "test_bench_smoke.py": {"test_benchmark_quick_mode", "test_gpu_suite_cpu_smoke"},  # the benchmarks themselves
+    "test_layout.py": {"test_distillery_serve_loads_no_training_code", "test_pip_install_target_holds_only_distillery"},
+    "test_model_loading.py": {"test_sd15_shaped_folder_loads_and_samples_with_the_same_code"},  # an SD-1.5 UNet
+}
+HEAVY_FIXTURES = {
+    "running_server": "a server process",
+    "trained_adapter": "a distillation run",
+    "pruned_folder": "a pruning run",
+    "killed_saves": "training runs killed at each save step",
+}
+TESTS_DIR = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    modules = {}
+    for item in items:
+        path = item.path.relative_to(TESTS_DIR).as_posix()
+        modules[path] = item.module
+        if (path in HEAVY_FILES or HEAVY_TESTS.get(path, set()) & {item.originalname, item.name}
+                or HEAVY_FIXTURES.keys() & set(item.fixturenames) or item.get_closest_marker("slow")):
+            item.add_marker(pytest.mark.heavy)
+    # a renamed test would silently join the quick loop: say so
+    stale = [f"{path}::{name}" for path, module in modules.items() for name in HEAVY_TESTS.get(path, ())
+             if not hasattr(module, name.partition("[")[0])]
+    if stale:
+        warnings.warn(pytest.PytestWarning(f"HEAVY_TESTS names tests that no longer exist: {stale}"))

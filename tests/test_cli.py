@@ -1,3 +1,5 @@
+"""`distillery generate` from the command line: it writes the PNG; bad input is an error naming it, nothing written."""
+
 import pytest
 from PIL import Image
 
