@@ -1,7 +1,8 @@
 """The adapters served on one model: which are resident (a `Residency`), and the LoRA backend each UNet call runs on.
 
 Making a registry installs the serving layers into the model's UNet (an explicit step: the engine's
-start, a benchmark's set-up), once per model copy, unless the compiled UNet's slot layers are given.
+start, a benchmark's set-up), once per model copy; the compiled UNet's slot layers, if given, sit on a module
+tree of their own sharing its weights. Which backend runs a call: backends/choice.py (`choose` measures).
 Threads: the residency's rules (residency.py): loads, lookups and listings on any thread, disk reads
 outside its lock. Backends make and use their caches on the torch thread only; an adapter leaving tells
 them to forget theirs, which they drop there.
@@ -9,17 +10,24 @@ them to forget theirs, which they drop there.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from distillery.adapters.backends import (
+    Choice,
     LoRABackend,
+    Routed,
     SlotAdapters,
     available_backends,
+    default_choice,
     default_merged_budget,
-    select_backend,
+    forced_choice,
+    measure,
+    timing_calls,
 )
+from distillery.adapters.backends.choice import log_table
 from distillery.adapters.loaded import AdapterSet, LoadedAdapter, read_loaded
 from distillery.adapters.residency import AdapterEntry, Residency
 from distillery.model import DiffusionModel
@@ -28,21 +36,48 @@ from distillery.model import DiffusionModel
 class AdapterRegistry:
     def __init__(self, model: DiffusionModel, budget_bytes: int | None = None, merged_budget_bytes: int | None = None,
                  slots: SlotAdapters | None = None, check: Callable[[LoadedAdapter], None] | None = None):
-        """`budget_bytes`: resident adapters' bytes (None: no limit). `merged_budget_bytes` > 0: a call's adapter
-        sets run on merged weights (W0 + BA, cached up to this many bytes; the running call's sets always stay);
-        0: per-row LoRA. None: the device's default. `slots` (installed into the model's UNet already): UNet
-        calls run through them (the compiled UNet) instead. `check(adapter)`: what the caller requires of every
-        adapter read (the server: that the sampling plan accepts its own sampling); AdapterError refuses it."""
+        """`budget_bytes`: resident adapters' bytes (None: no limit). `merged_budget_bytes`: the merged backend's
+        cache of merged weights (W0 + BA; the running call's sets always stay); None: the device's default;
+        unmeasured, > 0 also chooses merged over per-row. `slots` (the compiled UNet's): a third backend.
+        `check(adapter)`: what the caller requires of every adapter read (the server: that the sampling plan
+        accepts its own sampling); AdapterError refuses it."""
         self.model, self.slots = model, slots
         self.backends = available_backends(model, slots)  # raises if another registry serves this UNet
         self.residency = Residency(partial(_read_checked, model, check), budget_bytes, on_leave=self.forget_cached)
+        self.measured: Choice | None = None  # `choose`'s, once called
         self.merged_budget_bytes = (default_merged_budget(model.device) if merged_budget_bytes is None
                                     else merged_budget_bytes)
 
     @property
+    def choice(self) -> Choice:
+        """The backend per kind of call: measured (`choose`), else the fixed rule."""
+        return self.measured or default_choice(self.backends, self.merged_budget_bytes)
+
+    @property
     def backend(self) -> LoRABackend:
-        """What the next UNet call runs on: `pipeline._unet_call` asks `registry.backend.eps(...)`."""
-        return select_backend(self.backends, self.merged_budget_bytes)
+        """What the next UNet call runs on (`pipeline._unet_call` asks `registry.backend.eps(...)`): the chosen
+        backend, or one routing each call to its kind's when one-set and mixed calls chose differently."""
+        choice = self.choice
+        return self.backends[choice.one_set] if choice.one_set == choice.mixed else Routed(self.backends, choice)
+
+    def choose(self, forced: str, inputs: tuple) -> Choice:
+        """Choose the backends for the calls to come: `forced` ("auto": measured on `inputs`, (x, t, text, w_emb) of
+        one UNet call of the configured batch, with the resident adapters or random ones of their shapes)."""
+        started = time.perf_counter()
+        if forced != "auto":
+            self.measured = forced_choice(self.backends, forced)
+        else:
+            calls = timing_calls(self.model, list(self.residency.resident.values()), inputs[0].shape[0])
+            try:
+                self.measured = measure(self.backends, inputs, calls,
+                                        prefer=default_choice(self.backends, self.merged_budget_bytes).one_set)
+            finally:
+                self.forget_cached()  # the timing sets' plans and merged weights (random adapters among them)
+                if self.slots is not None:
+                    for name in [n for n in self.slots.loaded if n.startswith("~timing-")]:
+                        self.slots.unload(name)
+        log_table(self.measured, inputs[0].shape[0], (time.perf_counter() - started) * 1e3)
+        return self.measured
 
     @property
     def merged_budget_bytes(self) -> int:

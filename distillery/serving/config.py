@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
@@ -32,10 +32,13 @@ class Settings(BaseSettings):
     # its own UNet call, so the same request and seed give the same PNG bytes whatever else is in flight.
     deterministic: bool = False
     adapter_budget_bytes: int | None = None  # resident adapter bytes; least recently used evicted beyond it
-    # 0: adapters run as per-row LoRA (the fused kernel on CUDA); > 0: every adapter set runs on its own
-    # merged copy of the layers it touches (W0 + BA: faster, more memory), this many bytes kept cached.
-    # Unset: 2 GiB on CPU, 0 on CUDA (distillery/adapters/backends/merged.py: default_merged_budget)
+    # The merged backend's cache: adapter sets' merged copies of the layers they touch (W0 + BA), this many bytes
+    # kept (the running call's always). Unset: 2 GiB on CPU, 0 on CUDA (backends/merged.py: default_merged_budget)
     merged_cache_bytes: int | None = None
+    # Which LoRA backend runs a UNet call: auto times each available one at start-up (one-set and mixed calls
+    # apart; distillery/adapters/backends/choice.py); per_row, merged or compiled (needs `compile`) forces one.
+    # Not DISTILLERY_LORA_BACKEND: that is the kernels' own triton/torch switch inside per-row LoRA.
+    adapter_backend: Literal["auto", "per_row", "merged", "compiled"] = "auto"
     api_key: str | None = None  # POST/DELETE /adapters need it in X-API-Key; unset: those routes answer 403
     request_timeout_s: float = 120.0  # a request not answered by then gets 503 with Retry-After
     # SIGTERM: new requests get 503 while those in flight may finish for this long; then the process exits
@@ -48,8 +51,9 @@ class Settings(BaseSettings):
     exit_on_worker_death: bool = True  # the engine's worker died: stop the process so the orchestrator restarts it
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     # off: the eager serving layers. inductor: torch.compile of a UNet whose adapters sit in fixed slots
-    # (distillery/adapters/slots.py: no recompilation across adapters, w and batch sizes up to 16 rows; every
-    # bucket is compiled at start, other image sizes at first use). eager: the same graphs without code
+    # (distillery/adapters/slots.py: no recompilation across adapters, w and batch sizes; every bucket is
+    # compiled at start at the native size, other image sizes on a thread of their own at first use, running
+    # eagerly meanwhile; more rows than the largest bucket run as several calls). eager: the same graphs without code
     # generation (tests). Slots: adapters one UNet call can hold; rank: the largest adapter rank they take.
     compile: Literal["off", "inductor", "eager"] = "off"
     compile_slots: int = Field(default=4, ge=1, le=64)
@@ -69,6 +73,13 @@ class Settings(BaseSettings):
                 except ValueError as exc:
                     raise ValueError(f"preset {name!r}: {exc}") from None
         return presets
+
+    @model_validator(mode="after")
+    def _compiled_needs_compile(self) -> Settings:
+        if self.adapter_backend == "compiled" and self.compile == "off":
+            raise ValueError("adapter_backend: 'compiled' needs DISTILLERY_COMPILE=inductor or eager (allowed with "
+                             "compile off: auto, per_row or merged)")
+        return self
 
     @property
     def torch_dtype(self) -> torch.dtype:

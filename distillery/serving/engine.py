@@ -27,7 +27,7 @@ import torch
 from distillery.adapters import META_FILE, AdapterError, AdapterRegistry, AdapterSet, LoadedAdapter
 from distillery.adapters.backends import SlotAdapters
 from distillery.model import DiffusionModel
-from distillery.sampling.guidance import EMBEDDING_DIM
+from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 from distillery.sampling.pipeline import finish_denoising, start_denoising, unet_step
 from distillery.sampling.plan import (DEFAULT_SCHEDULER, Ask, ModelLimits, PlanRefused, SamplingPlan, check_cost,
                                       distilled_adapter, plan_sampling)
@@ -51,15 +51,17 @@ class Engine:
     def __init__(self, model: DiffusionModel, queue_size: int = 16, timeout_s: float = 120.0, max_rows: float = 12,
                  adapter_budget_bytes: int | None = None, merged_cache_bytes: int | None = None,
                  metrics: Metrics | None = None, deterministic: bool = False, on_death=None, slots=None,
-                 limits: ModelLimits | None = None):
+                 limits: ModelLimits | None = None, lora_backend: str = "auto"):
         """`max_rows`: the latent pixels of one step's calls, in rows at the model's native size. Makes the
-        registry: serving layers, or `slots` (compiled). `limits`: default the model's own, no operator cap."""
+        registry: serving layers, and `slots` (compiled). `limits`: default the model's own, no operator cap.
+        `lora_backend`: "auto" (timed at warm-up) or the one forced."""
         self.model = model
         self.limits = limits or ModelLimits.of(model)
         self.registry = AdapterRegistry(model, adapter_budget_bytes, merged_cache_bytes, slots,
                                         check=self.check_sampling)
         self.metrics = metrics or Metrics()
         self.timeout_s, self.deterministic, self.on_death = timeout_s, deterministic, on_death
+        self.lora_backend = lora_backend
         self.admission = Admission(queue_size, max_rows)
         self.stepping = Stepping(model, self.registry, self.metrics, deterministic)
         self.active: list[InFlight] = []
@@ -78,16 +80,33 @@ class Engine:
             torch.set_num_threads(settings.threads)
         model = DiffusionModel.from_pretrained(settings.model_path, settings.device, settings.torch_dtype)
         slots = None if settings.compile == "off" else SlotAdapters(
-            model.unet, EMBEDDING_DIM, settings.compile_slots, settings.compile_rank, backend=settings.compile)
+            model.unet, EMBEDDING_DIM, settings.compile_slots, settings.compile_rank, backend=settings.compile,
+            background=True)  # new image sizes compile beside the serving, never on its thread
         engine = cls(model, settings.queue_size, settings.request_timeout_s, settings.max_batch_rows,
                      settings.adapter_budget_bytes, settings.merged_cache_bytes, deterministic=settings.deterministic,
                      on_death=on_death, slots=slots,
-                     limits=ModelLimits.of(model, settings.max_steps, settings.max_request_cost))
+                     limits=ModelLimits.of(model, settings.max_steps, settings.max_request_cost),
+                     lora_backend=settings.adapter_backend)
         engine.load_adapters_from(settings.adapters_root)
         if slots is not None:  # every bucket compiled before traffic, at the native size
             text = model.encode_prompts([""]).shape[1:]
             slots.warm(model.latent_shape(model.default_size, model.default_size), text, model.device, model.dtype)
         return engine
+
+    def choose_lora_backends(self, forced: str, rows: float) -> dict:
+        """Time the LoRA backends on one UNet call of `rows` rows at the native size (registry.choose; `forced`:
+        the operator's, untimed), with the adapters loaded by then; `warmup` does, first. What GET /model reports."""
+        model, native, n = self.model, self.limits.native_size, max(1, int(rows))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, *model.latent_shape(native, native), generator=g).to(model.device, model.dtype)
+        t = torch.randint(1, 1000, (n,), generator=g).to(model.device)
+        text = model.encode_prompts([""]).repeat(n, 1, 1)  # (n, T, D)
+        w_emb = guidance_embedding(torch.rand(n, generator=g) * 5).to(model.device, model.dtype)  # (n, E)
+        return self.registry.choose(forced, (x, t, text, w_emb)).report()
+
+    def lora_backends(self) -> dict:
+        """Which LoRA backend runs one-set and mixed calls, with the start-up timings (GET /model)."""
+        return self.registry.choice.report()
 
     # ---- adapters, as routes see them
 
@@ -108,7 +127,8 @@ class Engine:
             try:
                 plan_sampling(self.limits, ((adapter, 1.0),), Ask(guidance=guidance, scheduler=scheduler))
             except PlanRefused as exc:
-                raise AdapterError(f"{where}: {'recommended_steps' if exc.field == 'steps' else field}: {exc}") from None
+                field = "recommended_steps" if exc.field == "steps" else field
+                raise AdapterError(f"{where}: {field}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - a scheduler_config the scheduler cannot take
                 raise AdapterError(f"{where}: scheduler_config: the {scheduler} scheduler cannot be made with it: "
                                    f"{type(exc).__name__}: {exc}") from None
@@ -235,7 +255,11 @@ class Engine:
 
     def warmup(self) -> None:
         """One one-step image per mode and adapter at the native size: first-call allocations and lazy inits happen
-        before traffic. (Made by hand, not planned: a step-distilled adapter's own step counts need not include 1.)"""
+        before traffic. (Made by hand, not planned: a step-distilled adapter's own step counts need not include 1.)
+        First the LoRA backends are chosen (timed on the adapters loaded by now) unless they were already; in
+        deterministic mode only when forced: the fixed rule, so that no image's bits hang on a start-up timing."""
+        if self.registry.measured is None and not (self.deterministic and self.lora_backend == "auto"):
+            self.choose_lora_backends(self.lora_backend, self.admission.max_rows)
         native = self.limits.native_size
         for chosen in [(), *(((adapter, 1.0),) for adapter in list(self.registry.resident.values()))]:
             distilled = distilled_adapter(chosen)

@@ -22,7 +22,7 @@ class StateCollector:
     """Device memory, and (once `watch` was called) the adapter residency and the queue, read per scrape."""
 
     def __init__(self):
-        self.adapters = None  # a distillery.adapters.residency.Residency
+        self.adapters = None  # the engine's AdapterRegistry
         self.queue: Sized = ()
 
     def collect(self):
@@ -43,6 +43,22 @@ class StateCollector:
         yield CounterMetricFamily("distillery_adapter_loads", "Adapter loads from disk", value=figures["loads"])
         yield CounterMetricFamily("distillery_adapter_evictions", "Adapters evicted by the byte budget",
                                   value=figures["evictions"])
+        yield from lora_backend_metrics(self.adapters.choice)
+
+
+def lora_backend_metrics(choice):
+    """The LoRA backends' start-up timings and which one each kind of call runs on (adapters/backends/choice.py)."""
+    timings = GaugeMetricFamily("distillery_lora_backend_ms", "Median ms of one UNet call of the configured batch "
+                                "per LoRA backend and kind of call, timed at start-up", labels=["backend", "case"])
+    for case, times in choice.timings_ms.items():
+        for backend, ms in times.items():
+            timings.add_metric([backend, case], ms)
+    yield timings
+    chosen = GaugeMetricFamily("distillery_lora_backend_chosen", "1 for the LoRA backend each kind of call runs on",
+                               labels=["backend", "case"])
+    for case in ("one_set", "mixed"):
+        chosen.add_metric([getattr(choice, case), case], 1)
+    yield chosen
 
 
 class Metrics:

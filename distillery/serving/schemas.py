@@ -184,6 +184,17 @@ class Unloaded(BaseModel):
     unloaded: str
 
 
+class LoRABackends(BaseModel):
+    """Which LoRA backend runs a UNet call, chosen at start-up by timing each (DISTILLERY_ADAPTER_BACKEND=auto)."""
+
+    one_set: str = Field(description="The backend of calls whose rows all use one adapter set.")
+    mixed: str = Field(description="The backend of calls mixing adapter sets (rows without adapters count as one).")
+    timings_ms: dict[str, dict[str, float]] = Field(
+        description="Case -> backend -> median ms of one UNet call of the configured batch; empty when forced.")
+    forced: str | None = Field(description="The backend DISTILLERY_ADAPTER_BACKEND forces, if not auto.")
+    refused: dict[str, str] = Field(description="Backends whose eps did not match the reference's, and why.")
+
+
 class ModelInfo(BaseModel):
     path: str
     fingerprint: str
@@ -194,6 +205,7 @@ class ModelInfo(BaseModel):
     default_guidance: float
     default_steps: int
     schedulers: list[str] = Field(description="The schedulers a request may name.")
+    lora_backends: LoRABackends
 
 
 class PlanInfo(BaseModel):

@@ -49,7 +49,8 @@ def _tensor(part: str, change: Callable[[torch.Tensor], torch.Tensor], file: str
 
     def edit(folder: Path) -> None:
         tensors = load_file(str(folder / file))
-        key = part if file != LORA_FILE else next(k for k in tensors if k.startswith(TO_Q) and k.endswith(suffixes[part]))
+        key = part if file != LORA_FILE else next(
+            k for k in tensors if k.startswith(TO_Q) and k.endswith(suffixes[part]))
         tensors[key] = change(tensors[key]).contiguous()
         save_file(tensors, str(folder / file))
     return edit

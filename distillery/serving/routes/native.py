@@ -98,4 +98,4 @@ async def model_info(eng: Engine = Depends(engine_of), settings: Settings = Depe
     return {"path": settings.model_path, "fingerprint": eng.fingerprint, "native_size": limits.native_size,
             "size_step": limits.size_step, "max_size": limits.max_size, "max_steps": limits.max_steps,
             "default_guidance": limits.default_guidance, "default_steps": limits.default_steps,
-            "schedulers": list(limits.schedulers)}
+            "schedulers": list(limits.schedulers), "lora_backends": eng.lora_backends()}
