@@ -9,6 +9,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from distillery.adapters.backends import NAMES as LORA_BACKENDS
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.plan import DEFAULT_MAX_COST, DEFAULT_MAX_STEPS, WEIGHT_RANGE
 
@@ -38,7 +39,7 @@ class Settings(BaseSettings):
     # Which LoRA backend runs a UNet call: auto times each available one at start-up (one-set and mixed calls
     # apart; distillery/adapters/backends/choice.py); per_row, merged or compiled (needs `compile`) forces one.
     # Not DISTILLERY_LORA_BACKEND: that is the kernels' own triton/torch switch inside per-row LoRA.
-    adapter_backend: Literal["auto", "per_row", "merged", "compiled"] = "auto"
+    adapter_backend: Literal[("auto", *LORA_BACKENDS)] = "auto"
     api_key: str | None = None  # POST/DELETE /adapters need it in X-API-Key; unset: those routes answer 403
     request_timeout_s: float = 120.0  # a request not answered by then gets 503 with Retry-After
     # SIGTERM: new requests get 503 while those in flight may finish for this long; then the process exits
