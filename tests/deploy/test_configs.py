@@ -145,8 +145,6 @@ def test_grafana_dashboard_queries_only_known_metrics():
 CACHE_ENV = ("XDG_CACHE_HOME", "HF_HOME", "TRITON_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
              "CUDA_CACHE_PATH", "MPLCONFIGDIR")  # where the libraries write at run time; by default under ~
 STARTUP_BUDGET_S = 600  # a real model takes minutes to load and warm up before /healthz answers
-# Settings the manifests set ahead of the server code that reads them (issue 23: the bounded SIGTERM drain).
-PENDING_SETTINGS = {"DISTILLERY_GRACEFUL_SHUTDOWN_S"}
 
 
 def _seconds(duration: str | int | float) -> float:
@@ -187,7 +185,7 @@ def _drain_numbers(env: dict[str, str], grace_s: float, pre_stop_s: float, what:
     """In-flight requests get their full timeout to finish: request timeout <= drain, and pre-stop pause + drain
     fit in the grace period with a margin for the engine's stop and the process's exit."""
     names, default_timeout = _settings_names()
-    unknown = {n for n in env if n.startswith("DISTILLERY_")} - names - PENDING_SETTINGS
+    unknown = {n for n in env if n.startswith("DISTILLERY_")} - names
     assert not unknown, f"{what}: not server settings (a typo is silently ignored): {unknown}"
     timeout = float(env.get("DISTILLERY_REQUEST_TIMEOUT_S", default_timeout))
     assert "DISTILLERY_GRACEFUL_SHUTDOWN_S" in env, f"{what}: no bounded drain"
