@@ -6,21 +6,28 @@ A group name selects several: `python -m bench gpu` runs the GPU suite (docs/gpu
 `--device cpu --quick` runs the GPU suite's modules that have a CPU smoke path (CPU_SMOKE = True) on the
 CPU, all in one process, recorded as `<name>_cpu_smoke`: a check that their code runs, never GPU figures.
 A benchmark may return a "setup" dict (device, dtype, versions): it is recorded with the environment.
+Several benchmarks in one run share their evaluation renders and FID reference (bench/references.py: a
+folder under .bench/ for the run, deleted at its end).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench import REFERENCES_ENV
 
 BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "steps_latency", "steps_quality", "style", "prune",
               "distill_memory", "swap", "throughput", "http_overhead", "lora_overhead", "lora_kernel_gpu", "soak", "compile",
@@ -65,6 +72,18 @@ def print_table(name: str, figures: dict) -> None:
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
 
+@contextlib.contextmanager
+def run_scope(parent: Path = Path(".bench")):
+    """A fresh folder for one run of several benchmarks, named to their processes in $REFERENCES_ENV, where
+    they keep what they share (bench/references.py); deleted at the end, so nothing outlives the run."""
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="references-", dir=parent)
+    try:
+        yield {**os.environ, REFERENCES_ENV: folder}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("names", nargs="*", help=f"any of {BENCHMARKS} or a group {sorted(GROUPS)}; default: all")
@@ -87,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--device cpu is the GPU suite's smoke path: add --quick")
     smoke = args.device == "cpu"
     if len(names) > 1 and not smoke:  # one process each: torch state (thread pools, allocator) of one never skews another
-        failed = [name for name in names
-                  if subprocess.run([sys.executable, "-m", "bench", name, "--results", str(args.results)]
-                                    + (["--quick"] if args.quick else [])
-                                    + (["--device", args.device] if args.device else []), check=False).returncode]
+        with run_scope() as env:  # the run's shared renders and FID reference (bench/references.py), then gone
+            failed = [name for name in names
+                      if subprocess.run([sys.executable, "-m", "bench", name, "--results", str(args.results)]
+                                        + (["--quick"] if args.quick else [])
+                                        + (["--device", args.device] if args.device else []),
+                                        check=False, env=env).returncode]
         if failed:  # the others ran and recorded theirs (a GPU session is short: one failure must not cost the rest)
             sys.exit(f"benchmark(s) failed: {failed}")
         return

@@ -6,7 +6,8 @@ Same prompts and seeds, 25 DDIM steps, w in {0, 1, 2, 3}; gaps are teacher minus
 from __future__ import annotations
 
 from bench.common import toy_with_guidance_adapter
-from distillery.distill.evaluation.alignment import alignment_of, eval_images, psnr
+from bench.references import eval_images
+from distillery.distill.evaluation.alignment import alignment_of, psnr
 from distillery.distill.toy.data import HELDOUT_COMBOS
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from bench.common import interleaved_medians
+from bench.references import eval_images, fid_reference
 from distillery.adapters import AdapterRegistry
-from distillery.distill.evaluation.alignment import alignment_of, eval_images
-from distillery.distill.evaluation.fid import FidReference
+from distillery.distill.evaluation.alignment import alignment_of
 from distillery.distill.methods.pruned_unet import level_spec, parameter_count, prune_unet
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL, MODELS_DIR
@@ -55,8 +55,8 @@ def run(quick: bool = False) -> dict:
     pruned = {level: DiffusionModel.from_pretrained(MODELS_DIR / PRUNED_MODEL.format(level)) for level in (1, 2)}
     n, rounds = (32, 3) if quick else (1000, 30)
     w = float(base.defaults.get("guidance", 1.0))
-    reference = FidReference.of_renders(n)
-    figures = {"images": n, "guidance": w, "fid_real": reference.floor(n)}
+    reference, floor = fid_reference(n)  # shared with steps_quality, as the full base's renders (bench/references.py)
+    figures = {"images": n, "guidance": w, "fid_real": floor}
 
     def quality(model, key: str, steps: int, adapters=(), registry=None) -> None:
         images, prompts = eval_images(model, n, guidance=w, steps=steps, batch=250, adapters=adapters, registry=registry)

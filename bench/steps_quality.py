@@ -13,8 +13,8 @@ absolute difference). Held-out colour-shape pairs at 4 steps.
 from __future__ import annotations
 
 from bench.common import CONSISTENCY_ADAPTER, progressive_adapters, toy_with_adapters
-from distillery.distill.evaluation.alignment import alignment_of, eval_images
-from distillery.distill.evaluation.fid import FidReference
+from bench.references import eval_images, fid_reference
+from distillery.distill.evaluation.alignment import alignment_of
 from distillery.distill.toy.data import HELDOUT_COMBOS, TRAIN_COMBOS
 
 STEP_COUNTS = (1, 2, 4, 8)
@@ -27,8 +27,8 @@ def run(quick: bool = False) -> dict:
     lcm = adapters[CONSISTENCY_ADAPTER]
     n, n_small = (32, 8) if quick else (1000, 200)
     w = float(model.defaults.get("guidance", 1.0))
-    reference = FidReference.of_renders(n)
-    figures = {"images": n, "images_w_control": n_small, "guidance": w, "fid_real": reference.floor(n)}
+    reference, floor = fid_reference(n)  # shared with prune (bench/references.py)
+    figures = {"images": n, "images_w_control": n_small, "guidance": w, "fid_real": floor}
 
     generated = {}  # eval_images' prompts and seeds are fixed: the first k of a larger set are the k-image set
 

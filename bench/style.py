@@ -10,7 +10,8 @@ CFG minus alignment of the composition; the distilled adapter alone for referenc
 from __future__ import annotations
 
 from bench.common import CONSISTENCY_ADAPTER, GUIDANCE_ADAPTER, STYLE_ADAPTER, progressive_adapters, toy_with_adapters
-from distillery.distill.evaluation.alignment import alignment_of, eval_images
+from bench.references import eval_images
+from distillery.distill.evaluation.alignment import alignment_of
 from distillery.distill.methods.style import stripe_score, style_strength
 
 
