@@ -46,6 +46,7 @@ from distillery.distill.toy.data import TRAIN_COMBOS, eval_prompts
 from distillery.model import DiffusionModel
 from distillery.paths import ORACLE_FILE
 from distillery.sampling.pipeline import generate
+from distillery.sampling.plan import distilled_adapter
 
 FORMAT = 2  # of the entries: bumped when what they hold changes
 FID_BATCH = 500  # FidReference's default feature batch: the statistics' bits depend on it
@@ -174,7 +175,7 @@ class _Renders:
         return images, seen[0]
 
     def rows_agree(self, sizes: set[int], budget: int) -> bool:
-        """Does every row of a one-step render in a call of each of `sizes` images come out with the bits it has
+        """Does every row of a few-step render (`probe_steps`) in a call of each of `sizes` images come out with the bits it has
         in a longer call? Then a row's latents do not depend on the call that rendered it (every step runs the
         same operations on the same shapes). Measured on this CPU: calls of 1, 3 and 5 CFG images render their
         last image's rows otherwise, hence this check, and a reference call a few images longer than any
@@ -183,13 +184,20 @@ class _Renders:
         check = {"check": "rows_agree", "of": self.key(), "sizes": sorted(sizes)}
         known = _get(check)
         if known is None:
-            if sum(sizes) + max(sizes) + PROBE_MARGIN >= budget:
+            steps = self.probe_steps()
+            if (sum(sizes) + max(sizes) + PROBE_MARGIN) * steps >= budget:
                 return False
             prompts = eval_prompts(max(sizes) + PROBE_MARGIN, self.combos)
-            reference = self.render(prompts, 0, steps=1)[1]
-            known = all(torch.equal(self.render(prompts[:k], 0, steps=1)[1], reference[:k]) for k in sorted(sizes))
+            reference = self.render(prompts, 0, steps)[1]
+            known = all(torch.equal(self.render(prompts[:k], 0, steps)[1], reference[:k]) for k in sorted(sizes))
             _put(check, known)
         return known
+
+    def probe_steps(self) -> int:
+        """The fewest steps the set samples with: one, or a step-distilled adapter's fewest (the plan refuses
+        others: a progressive adapter distilled for 4 steps samples only 4)."""
+        distilled = distilled_adapter(self.adapters)
+        return min(distilled.meta.steps) if distilled is not None and distilled.meta.steps else 1
 
 
 def _chunks(first: int, n: int, batch: int) -> list[tuple[int, int]]:

@@ -66,6 +66,7 @@ HEAVY_FILES = {
     "distill/test_no_side_effects.py": "train-toy and distill-guidance runs",
     "kernels/test_lora_triton_compiles.py": "Triton and ptxas compile for sm_90",
     "sampling/test_deterministic.py": "crowds of requests, row by row, through every backend",
+    "test_bench_references.py": "evaluation sets and FID references rendered, some twice",
 }
 HEAVY_TESTS = {  # file -> its heavy tests: a name (every parametrization) or name[id] (that one)
     "adapters/test_slots.py": {"test_no_recompiles_across_swaps_sets_weights_w_and_bucketed_batch_sizes"},  # compiles

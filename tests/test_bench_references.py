@@ -69,6 +69,20 @@ def test_shared_renders_are_the_renders_each_benchmark_would_make(run_folder, mo
     assert len(rendered) - before == 10
 
 
+def test_a_step_distilled_set_is_checked_at_the_steps_it_samples(run_folder):
+    """A progressive adapter samples only its own step count: the row check renders at it, not at one step."""
+    served, registry, adapters = toy_with_adapters(["progressive-toy-2"])
+    chosen = [(adapters["progressive-toy-2"], 1.0)]
+    kwargs = {"guidance": 1.0, "steps": 2, "registry": registry, "adapters": chosen}
+    references.eval_images(served, 24, batch=2, **kwargs)
+    new_process()
+    ours, _ = references.eval_images(served, 24, batch=4, **kwargs)  # known in calls of 2, asked in calls of 4
+    theirs, _ = eval_images(served, 24, batch=4, **kwargs)
+    np.testing.assert_array_equal(pixels(ours), pixels(theirs))
+    assert isinstance(references._get({"check": "rows_agree", "of": references._Renders(
+        served, registry, 1.0, 2, tuple(TRAIN_COMBOS), None, 0.0, tuple(chosen)).key(), "sizes": [2, 4]}), bool)
+
+
 def key(model, adapters=()):
     return references._Renders(model, None, 1.0, STEPS, tuple(TRAIN_COMBOS), None, 0.0, tuple(adapters)).key()
 
