@@ -133,3 +133,29 @@ def test_a_new_size_runs_eagerly_while_its_graph_compiles_beside_the_serving():
         again = slots.eps(*inputs, row_sets)
     assert eager_calls == [(2, 4, 8, 8)]  # the second call ran the compiled graph
     torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
+
+
+def test_the_compile_thread_makes_more_graphs_than_dynamos_default_limit():
+    """dynamo's recompile limit (8 graphs) is a per-thread setting: the compile thread must raise it too, or its
+    9th graph silently stays eager. A tiny UNet keeps 9 compiles cheap; no adapters, 9 latent sizes."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                                up_block_types=("UpBlock2D",), mid_block_type=None, layers_per_block=1,
+                                cross_attention_dim=8, norm_num_groups=4)
+    slots = SlotAdapters(unet, EMBEDDING_DIM, slots=1, rank=2, backend="eager", background=True)
+    sizes = [4 * k for k in range(1, 10)]  # latent sides 4 to 36: 9 graphs on the compile thread
+    calls = [(torch.randn(1, 4, s, s), torch.tensor([500]), torch.randn(1, 3, 8), guidance_embedding(torch.ones(1)))
+             for s in sizes]
+    eager_calls = []
+    eager = slots.eager
+    slots.eager = lambda *args: eager_calls.append(args[0].shape[-1]) or eager(*args)
+    with torch.no_grad():
+        first = [slots.eps(*call, [()]) for call in calls]
+        slots.drain()
+        assert slots.compiles["slot-compile_0"] == len(sizes) and len(slots.ready) == len(sizes)
+        eager_calls.clear()
+        for call, want in zip(calls, first):
+            torch.testing.assert_close(slots.eps(*call, [()]), want, rtol=1e-5, atol=1e-5)
+    assert eager_calls == []  # every size ran its compiled graph

@@ -96,7 +96,7 @@ class SlotAdapters:
             self.layers[name] = SlotLayer(base, slots, rank, self.context)
             unet.set_submodule(name, self.layers[name])
         self.eager = SlotForward(unet, self.context)
-        self.compiled = None
+        self._compiled = None
         self.compiles: Counter[str] = Counter()  # graphs compiled, by the name of the thread that compiled them
         self.ready: set[tuple] = set()  # the (bucket, shapes) keys compiled
         self._scheduled: set[tuple] = set()
@@ -109,9 +109,7 @@ class SlotAdapters:
                 self.compiles[threading.current_thread().name] += 1
                 return inner(gm, example_inputs)
 
-            for limit in ("recompile_limit", "accumulated_recompile_limit"):  # one graph per key, MAX_GRAPHS keys
-                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), MAX_GRAPHS + 1))
-            self.compiled = torch.compile(SlotForward(twin, twin.time_embedding.cond_proj.context), backend=counted,
+            self._compiled = torch.compile(SlotForward(twin, twin.time_embedding.cond_proj.context), backend=counted,
                                           dynamic=False)
 
     def load(self, adapter: LoadedAdapter, slot: int | None = None) -> int:
@@ -192,6 +190,16 @@ class SlotAdapters:
         like = self.unet.time_embedding.cond_proj.weight
         return row_coef.view(rows, -1).to(like), proj_coef.to(like)
 
+    def compiled(self, *args) -> torch.Tensor:
+        """The compiled slot UNet's eps, dynamo's recompile limits raised to one graph per key (MAX_GRAPHS keys)
+        for the thread at hand: dynamo's config overrides hold per thread, so one made where this object was
+        built would not reach the compile thread, which then fell back to eager at dynamo's default 8 graphs
+        (counted across every SlotAdapters of the process: they share a code object)."""
+        config = torch._dynamo.config
+        with config.patch(recompile_limit=max(config.recompile_limit, MAX_GRAPHS + 1),
+                          accumulated_recompile_limit=max(config.accumulated_recompile_limit, 2 * MAX_GRAPHS)):
+            return self._compiled(*args)
+
     def forward(self, x, t, text, w_emb, row_coef, proj_coef) -> torch.Tensor:
         """eps for padded rows, eagerly (uncompiled) through the slot UNet."""
         return self.eager(x, t, text, w_emb, row_coef, proj_coef)
@@ -228,7 +236,7 @@ class SlotAdapters:
         row_coef, proj_coef = self.coefficients(row_sets, size)
         pad = (lambda v: torch.cat([v, v.new_zeros(size - rows, *v.shape[1:])])) if size > rows else (lambda v: v)
         args = (pad(x), pad(t), pad(text), pad(w_emb), row_coef, proj_coef)
-        if self.compiled is None:
+        if self._compiled is None:
             return self.eager(*args)[:rows]
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
         if key in self.ready or self._compiler is None:
@@ -258,7 +266,7 @@ class SlotAdapters:
     @torch.no_grad()
     def warm(self, latent: tuple[int, ...], text: tuple[int, int], device, dtype) -> None:
         """Compile every bucket for one latent shape (C, h, w) and text shape (T, D) here, now: before traffic."""
-        if self.compiled is None:
+        if self._compiled is None:
             return
         like = self.unet.time_embedding.cond_proj.weight
         for size in BUCKETS:
