@@ -86,6 +86,7 @@ HEAVY_TESTS = {  # file -> its heavy tests: a name (every parametrization) or na
     "serving/test_bad_adapters.py": {  # a server process
         "test_a_server_started_on_a_root_with_broken_adapters_serves_the_good_ones"},
     "serving/test_compiled.py": {"test_compiled_server_serves_the_same_images_without_recompiling",  # compiles
+                                 "test_a_new_size_runs_eagerly_while_its_graph_compiles_beside_the_serving",
                                  "test_the_compile_thread_makes_more_graphs_than_dynamos_default_limit"},
     "test_bench_smoke.py": {"test_benchmark_quick_mode", "test_gpu_suite_cpu_smoke"},  # the benchmarks themselves
     "test_layout.py": {"test_distillery_serve_loads_no_training_code", "test_pip_install_target_holds_only_distillery"},
