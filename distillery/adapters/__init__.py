@@ -9,6 +9,7 @@ from distillery.adapters.files import (
                                        W_CONDITIONED,
                                        AdapterError,
                                        AdapterMeta,
+                                       OtherBase,
                                        read_adapter,
                                        save_adapter,
 )
@@ -19,5 +20,5 @@ from distillery.adapters.residency import AdapterEntry, AdapterInUse, UnknownAda
 
 __all__ = ["KINDS", "LORA_FILE", "META_FILE", "PROJECTION_FILE", "STEP_DISTILLED", "W_CONDITIONED", "AdapterEntry",
            "AdapterError", "AdapterInUse", "AdapterMeta", "AdapterRegistry", "AdapterSet", "LoRABackend",
-           "LoadedAdapter", "SlotAdapters", "UnknownAdapter", "default_merged_budget", "read_adapter", "save_adapter",
-           "set_key"]
+           "LoadedAdapter", "OtherBase", "SlotAdapters", "UnknownAdapter", "default_merged_budget", "read_adapter",
+           "save_adapter", "set_key"]

@@ -38,6 +38,10 @@ class AdapterError(ValueError):
     """An adapter that cannot be used: wrong base, bad files, unsafe path. The message says why."""
 
 
+class OtherBase(AdapterError):
+    """An intact adapter made for another base model (an adapters root may hold several bases' adapters)."""
+
+
 # Validated whenever one is made (pydantic), read strictly from adapter.json: a wrong type, an unknown field or a
 # value out of range is refused at load with the file and the field named, never a failure at the first request
 # (a rank of 0 divides by zero in every call). Scheduler names and the step cap are the sampling plan's rules:
@@ -131,7 +135,7 @@ def read_adapter(folder: Path, base_fingerprint: str) -> AdapterFiles:
     folder = Path(folder)
     meta = AdapterMeta.read(folder)
     if meta.base_fingerprint != base_fingerprint:
-        raise AdapterError(f"adapter {folder.name!r} was trained on base model {meta.base_fingerprint}, but the loaded "
+        raise OtherBase(f"adapter {folder.name!r} was trained on base model {meta.base_fingerprint}, but the loaded "
                            f"base is {base_fingerprint}; retrain it on this base or load the base it was made for")
     lora = _load_safetensors(folder / LORA_FILE)
     if not lora or not all(k.startswith("unet.") and "lora" in k for k in lora):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from distillery.adapters import META_FILE, AdapterError, AdapterRegistry, AdapterSet, LoadedAdapter
+from distillery.adapters import META_FILE, AdapterError, AdapterRegistry, AdapterSet, LoadedAdapter, OtherBase
 from distillery.adapters.backends import SlotAdapters
 from distillery.model import DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
@@ -140,6 +140,8 @@ class Engine:
         for path in sorted(folders + [*Path(root).glob("*.safetensors")]):
             try:  # a bad one is logged and skipped
                 loaded.append(self.registry.load(path.stem if path.is_file() else path.name, path).name)
+            except OtherBase as exc:  # expected in a root shared by several bases (the shipped one is)
+                log.info("adapter %s skipped: %s", path, exc)
             except AdapterError as exc:
                 log.warning("adapter %s not loaded: %s", path, exc)
         return loaded

@@ -1,6 +1,7 @@
 """A plain LoRA .safetensors file (kohya / A1111 layout, no adapter.json) served as a style adapter: its output
 matches peft's with the same weights, per-layer ranks and alphas included; what it cannot be is refused."""
 
+import logging
 import shutil
 
 import pytest
@@ -100,6 +101,11 @@ def test_engine_registers_lora_files_in_the_root(kohya_lora, tmp_path, caplog):
     write_random_adapter(tmp_path / "folder-style", model.unet, model.fingerprint, rank=4)
     save_file(kohya_lora, str(tmp_path / "anime.safetensors"))
     save_file({**kohya_lora, f"{TO_Q}.lokr_w1": torch.ones(2, 2)}, str(tmp_path / "lokr.safetensors"))
-    assert engine.load_adapters_from(tmp_path) == ["anime", "folder-style"]
+    write_random_adapter(tmp_path / "pruned-base-style", model.unet, "0123456789abcdef", rank=4)
+    with caplog.at_level(logging.INFO, logger="distillery.engine"):
+        assert engine.load_adapters_from(tmp_path) == ["anime", "folder-style"]
     assert engine.registry.get("anime").meta.kind == "style"
-    assert "lokr.safetensors not loaded" in caplog.text and "lokr_w1" in caplog.text
+    levels = {r.getMessage().split()[1].rsplit("/", 1)[-1]: r.levelname for r in caplog.records}
+    # a broken file warns; an adapter of another base, as the shipped root holds, is skipped quietly
+    assert levels == {"lokr.safetensors": "WARNING", "pruned-base-style": "INFO"}
+    assert "lokr_w1" in caplog.text and "trained on base model 0123456789abcdef" in caplog.text
