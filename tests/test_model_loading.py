@@ -1,12 +1,15 @@
-"""One loader for the toy model and for Stable Diffusion 1.5 folders."""
+"""One loader for the toy model and for Stable Diffusion 1.x and 2.x folders."""
 
+import numpy as np
+import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_MODEL
 from distillery.sampling.pipeline import generate
 from distillery.sampling.plan import config_max_steps
+from distillery.sampling.sampler import initial_noise
 from distillery.testing.sd15 import save_sd15_folder
 
 
@@ -34,3 +37,30 @@ def test_sd15_shaped_folder_loads_and_samples_with_the_same_code(tmp_path, toy_m
     out = generate(model, ["a red circle"], [0], 2.0, steps=1, scheduler="ddim", height=64, width=64)
     assert out.images[0].size == (64, 64)
     assert model.fingerprint != toy_model.fingerprint
+
+
+def _sd2_style_folder(toy_folder, path):
+    """The random toy as SD 2.x configures its models: v-prediction, zero terminal SNR, trailing spacing, linear
+    projections into attention, attention upcast."""
+    pipe = StableDiffusionPipeline.from_pretrained(toy_folder, safety_checker=None)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(**{**config, "use_linear_projection": True, "upcast_attention": True})
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                               rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_the_cfg_path_draws_what_stock_diffusers_draws_from_the_same_latents(family, random_toy_folder, tmp_path):
+    folder = random_toy_folder if family == "sd1" else _sd2_style_folder(random_toy_folder, tmp_path / "sd2")
+    model = DiffusionModel.from_pretrained(folder)
+    w, steps, rescale = 2.0, 6, (0.7 if family == "sd2" else 0.0)  # SD 2.x's zero-SNR recipe rescales CFG
+    ours = generate(model, ["a red circle"], [3], w, steps, scheduler="ddim", rescale=rescale).images[0]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    latents = initial_noise(3, model.latent_shape(32, 32), "cpu", torch.float32)
+    stock = pipe("a red circle", num_inference_steps=steps, guidance_scale=1 + w, guidance_rescale=rescale,
+                 latents=latents, height=32, width=32).images[0]  # diffusers' scale is 1 + w
+    difference = np.abs(np.asarray(ours, dtype=int) - np.asarray(stock, dtype=int))
+    assert difference.max() <= 1 and difference.mean() < 0.01, (difference.max(), difference.mean())
