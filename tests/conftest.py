@@ -42,6 +42,23 @@ def random_toy_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def sd2_style_folder(random_toy_folder, tmp_path_factory):
+    """The random toy as SD 2.x configures its models: v-prediction, zero terminal SNR, trailing spacing, linear
+    projections into attention, attention upcast."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(random_toy_folder, safety_checker=None)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(**{**config, "use_linear_projection": True, "upcast_attention": True})
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                               rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    folder = tmp_path_factory.mktemp("sd2_style")
+    pipe.save_pretrained(folder)
+    return folder
+
+
 READY_WITHIN_S = 60  # the README promises an answer within a minute of `make serve`
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_MODEL
@@ -39,22 +39,10 @@ def test_sd15_shaped_folder_loads_and_samples_with_the_same_code(tmp_path, toy_m
     assert model.fingerprint != toy_model.fingerprint
 
 
-def _sd2_style_folder(toy_folder, path):
-    """The random toy as SD 2.x configures its models: v-prediction, zero terminal SNR, trailing spacing, linear
-    projections into attention, attention upcast."""
-    pipe = StableDiffusionPipeline.from_pretrained(toy_folder, safety_checker=None)
-    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
-    torch.manual_seed(0)
-    pipe.unet = UNet2DConditionModel(**{**config, "use_linear_projection": True, "upcast_attention": True})
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
-                                               rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    pipe.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_the_cfg_path_draws_what_stock_diffusers_draws_from_the_same_latents(family, random_toy_folder, tmp_path):
-    folder = random_toy_folder if family == "sd1" else _sd2_style_folder(random_toy_folder, tmp_path / "sd2")
+def test_the_cfg_path_draws_what_stock_diffusers_draws_from_the_same_latents(family, random_toy_folder,
+                                                                             sd2_style_folder):
+    folder = random_toy_folder if family == "sd1" else sd2_style_folder
     model = DiffusionModel.from_pretrained(folder)
     w, steps, rescale = 2.0, 6, (0.7 if family == "sd2" else 0.0)  # SD 2.x's zero-SNR recipe rescales CFG
     ours = generate(model, ["a red circle"], [3], w, steps, scheduler="ddim", rescale=rescale).images[0]

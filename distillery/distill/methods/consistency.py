@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 
 from distillery.adapters import save_adapter
 from distillery.distill.methods.guidance import attach_student, cfg_teacher_eps
-from distillery.distill.training.ddim import ddim_step, x0_from_eps
+from distillery.distill.training.ddim import ddim_step, require_eps_prediction, x0_from_eps
 from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.training.student import start_from
 from distillery.model import DiffusionModel
@@ -86,6 +86,7 @@ def consistency_step(student, unet, batch: Batch, noise_scheduler: DDPMScheduler
 def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
+    require_eps_prediction(model.scheduler_config, "distill-consistency")
     base_fingerprint = model.fingerprint
     unet = model.unet
     if cfg.init_from:

@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 
 from distillery.adapters import save_adapter
 from distillery.adapters.files import META_FILE
-from distillery.distill.training.ddim import ddim_step, x0_from_eps
+from distillery.distill.training.ddim import ddim_step, require_eps_prediction, x0_from_eps
 from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.training.student import load_adapter_into
 from distillery.model import DiffusionModel
@@ -92,6 +92,7 @@ def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: i
     out = Path(f"{cfg.out}-{student_steps}")
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
+    require_eps_prediction(model.scheduler_config, "distill-progressive")
     unet = model.unet
     teacher_meta, teacher_proj = load_adapter_into(unet, teacher, TEACHER, trainable=False)
     _, student_proj = load_adapter_into(unet, teacher, STUDENT, trainable=True)

@@ -23,6 +23,7 @@ from PIL import Image
 
 from distillery.adapters import save_adapter
 from distillery.distill.toy.data import IMAGE_SIZE, STRIPE_PERIOD
+from distillery.distill.training.ddim import require_eps_prediction
 from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.training.student import start_from
 from distillery.model import DiffusionModel
@@ -62,6 +63,7 @@ def style_strength(images: list[Image.Image], plain_score: float, style_score: f
 def train_style(cfg: StyleTrainConfig) -> Path:
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
+    require_eps_prediction(model.scheduler_config, "train-style")
     base_fingerprint = model.fingerprint
     if cfg.init_from:
         start_from(model.unet, Path(cfg.init_from), ADAPTER_NAME, cfg)

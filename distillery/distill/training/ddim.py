@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def require_eps_prediction(scheduler_config: dict, method: str) -> None:
+    """The step and style distillers' targets are written for eps prediction: a v-prediction base (SD 2.x 768)
+    would train on wrong targets, silently. Guidance distillation and pruning match outputs in any parametrisation."""
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ValueError(f"{method}: the base model predicts {kind!r} (scheduler_config.json prediction_type); "
+                         f"this distiller supports 'epsilon' bases only")
+
+
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """The clean sample an eps prediction implies at noise level alpha_bar ((B,) or broadcastable)."""
     a = alpha_bar.reshape(-1, 1, 1, 1).to(x_t.dtype)
