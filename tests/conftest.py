@@ -92,6 +92,8 @@ HEAVY_TESTS = {  # file -> its heavy tests: a name (every parametrization) or na
     "distill/test_atomic_artefacts.py": {  # accelerate launch, 2 processes
         "test_two_processes_write_one_checkpoint_and_a_resume_goes_on_from_it"},
     "distill/test_fid_and_style.py": {"test_fid_sees_a_one_pixel_blur_that_alignment_cannot"},  # renders and FIDs
+    "distill/test_prediction_types.py": {  # a distillation run
+        "test_a_consistency_adapter_trains_on_a_v_prediction_zero_snr_base_and_serves"},
     "distill/test_guidance_distill.py": {"test_untrained_student_equals_conditional_teacher_and_shares_w0"},  # peft
     "distill/test_pruning.py": {  # an SD-1.5-shaped UNet
         "test_pruned_unet_holds_the_teachers_remaining_weights_and_the_teacher_is_untouched",

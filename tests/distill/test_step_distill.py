@@ -3,7 +3,6 @@
 import json
 import warnings
 
-import pytest
 import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
@@ -12,7 +11,6 @@ from distillery.adapters import LORA_FILE, PROJECTION_FILE, AdapterRegistry
 from distillery.adapters.keys import unet_lora_pairs
 from distillery.distill.methods.consistency import ConsistencyDistillConfig, boundary_scalings, distill_consistency
 from distillery.distill.methods.progressive import ProgressiveDistillConfig, distill_progressive, two_step_grid
-from distillery.distill.methods.style import StyleTrainConfig, train_style
 from distillery.distill.training.student import load_adapter_into
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
@@ -88,13 +86,3 @@ def test_progressive_rounds_chain_teacher_to_student_and_a_finished_round_is_not
     mtime = (last / "adapter.json").stat().st_mtime_ns
     assert distill_progressive(cfg) == last and (last / "adapter.json").stat().st_mtime_ns == mtime
 
-
-@pytest.mark.parametrize("config, distill", [(ConsistencyDistillConfig, distill_consistency),
-                                             (ProgressiveDistillConfig, distill_progressive),
-                                             (StyleTrainConfig, train_style)], ids=["consistency", "progressive", "style"])
-def test_a_v_prediction_base_is_refused_before_training(config, distill, sd2_style_folder, tmp_path):
-    """Their targets are eps-prediction algebra: on an SD 2.x v-prediction base they would train wrong, silently."""
-    cfg = config(**{**TINY, "model": str(sd2_style_folder), "out": str(tmp_path / "out"), "work": str(tmp_path / "w")})
-    with pytest.raises(ValueError, match="predicts 'v_prediction'.*'epsilon' bases only"):
-        distill(cfg)
-    assert not (tmp_path / "out").exists() and not any(tmp_path.glob("out*"))

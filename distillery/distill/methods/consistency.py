@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 
 from distillery.adapters import save_adapter
 from distillery.distill.methods.guidance import attach_student, cfg_teacher_eps
-from distillery.distill.training.ddim import ddim_step, require_eps_prediction, x0_from_eps
+from distillery.distill.training.ddim import ddim_step, eps_and_x0, require_supported_prediction
 from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.training.student import start_from
 from distillery.model import DiffusionModel
@@ -72,13 +72,14 @@ def consistency_step(student, unet, batch: Batch, noise_scheduler: DDPMScheduler
     c_skip_start, c_out_start = boundary_scalings(start_t, cfg.timestep_scaling)
     c_skip, c_out = boundary_scalings(t, cfg.timestep_scaling)
 
-    eps = student(x_start, start_t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
-    prediction = c_skip_start * x_start + c_out_start * x0_from_eps(x_start, eps, a_start)
+    kind = noise_scheduler.config.prediction_type  # eps or v: CFG's combination is linear in either
+    out = student(x_start, start_t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+    prediction = c_skip_start * x_start + c_out_start * eps_and_x0(out, x_start, a_start, kind)[1]
     with torch.no_grad():
-        eps_teacher = cfg_teacher_eps(unet, x_start, start_t, batch.cond, batch.uncond, batch.guidance)
-        x_prev = ddim_step(x_start, eps_teacher, a_start, a_t)
-        eps_target = unet(x_prev, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
-        target = c_skip * x_prev + c_out * x0_from_eps(x_prev, eps_target, a_t)
+        out_teacher = cfg_teacher_eps(unet, x_start, start_t, batch.cond, batch.uncond, batch.guidance)
+        x_prev = ddim_step(x_start, out_teacher, a_start, a_t, kind)
+        out_target = unet(x_prev, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+        target = c_skip * x_prev + c_out * eps_and_x0(out_target, x_prev, a_t, kind)[1]
     diff = prediction.float() - target.float()
     return (torch.sqrt(diff**2 + cfg.huber_c**2) - cfg.huber_c).mean()
 
@@ -86,7 +87,7 @@ def consistency_step(student, unet, batch: Batch, noise_scheduler: DDPMScheduler
 def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
-    require_eps_prediction(model.scheduler_config, "distill-consistency")
+    require_supported_prediction(model.scheduler_config, "distill-consistency")
     base_fingerprint = model.fingerprint
     unet = model.unet
     if cfg.init_from:

@@ -75,7 +75,8 @@ def distillation_step(student, unet, latents: torch.Tensor, cond: torch.Tensor, 
 
 def cfg_teacher_eps(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                     guidance: torch.Tensor) -> torch.Tensor:
-    """The teacher: W0 alone (adapters off), both CFG branches in one batch: (1 + w) eps_c - w eps_u."""
+    """The teacher: W0 alone (adapters off), both CFG branches in one batch: (1 + w) eps_c - w eps_u (the base's
+    own output, eps or v: the combination is linear in either)."""
     unet.disable_adapters()
     try:
         eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),

@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 
 from distillery.adapters import save_adapter
 from distillery.adapters.files import META_FILE
-from distillery.distill.training.ddim import ddim_step, require_eps_prediction, x0_from_eps
+from distillery.distill.training.ddim import ddim_step, eps_and_x0, require_supported_prediction
 from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.training.student import load_adapter_into
 from distillery.model import DiffusionModel
@@ -65,26 +65,27 @@ def progressive_step(student, unet, batch: Batch, scheduler: DDIMScheduler, grid
     z_t = scheduler.add_noise(x0, noise, t)
     w_emb = guidance_embedding(batch.guidance).to(x0.dtype)
     with torch.no_grad():
-        z_mid = _ddim(unet, z_t, t, a_t, a_mid, batch.cond, w_emb, projections)
-        z_s = _ddim(unet, z_mid, t_mid, a_mid, a_s, batch.cond, w_emb, projections)
+        kind = scheduler.config.prediction_type
+        z_mid = _ddim(unet, z_t, t, a_t, a_mid, batch.cond, w_emb, projections, kind)
+        z_s = _ddim(unet, z_mid, t_mid, a_mid, a_s, batch.cond, w_emb, projections, kind)
         ratio = ((1 - a_s) / (1 - a_t)).sqrt()  # sigma_s / sigma_t
         target = (z_s - ratio * z_t) / (a_s.sqrt() - ratio * a_t.sqrt())
-    eps = student(z_t, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
-    x_pred = x0_from_eps(z_t, eps, a_t)
+    out = student(z_t, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+    x_pred = eps_and_x0(out, z_t, a_t, kind)[1]
     weight = (a_t / (1 - a_t)).clamp(min=1.0)  # max(SNR, 1)
     return (weight * (x_pred.float() - target.float()) ** 2).mean()
 
 
-def _ddim(unet, z, t, a_t, a_s, cond, w_emb, projections: dict) -> torch.Tensor:
+def _ddim(unet, z, t, a_t, a_s, cond, w_emb, projections: dict, kind: str) -> torch.Tensor:
     """One deterministic DDIM step of the TEACHER adapter (and its w projection), then the student is back on."""
     unet.set_adapter(TEACHER)
     unet.time_embedding.cond_proj = projections[TEACHER]
     try:
-        eps = unet(z, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        out = unet(z, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
     finally:
         unet.set_adapter(STUDENT)
         unet.time_embedding.cond_proj = projections[STUDENT]
-    return ddim_step(z, eps, a_t, a_s)
+    return ddim_step(z, out, a_t, a_s, kind)
 
 
 def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: int) -> Path:
@@ -92,7 +93,7 @@ def distill_round(cfg: ProgressiveDistillConfig, teacher: Path, student_steps: i
     out = Path(f"{cfg.out}-{student_steps}")
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
-    require_eps_prediction(model.scheduler_config, "distill-progressive")
+    require_supported_prediction(model.scheduler_config, "distill-progressive")
     unet = model.unet
     teacher_meta, teacher_proj = load_adapter_into(unet, teacher, TEACHER, trainable=False)
     _, student_proj = load_adapter_into(unet, teacher, STUDENT, trainable=True)

@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from distillery.atomic import atomic_folder
 from distillery.distill.methods.pruned_unet import level_spec, parameter_count, plan_pruning, prune_unet
+from distillery.distill.training.ddim import noise_target
 from distillery.distill.training.loop import Batch, TrainConfig, make_accelerator, train_student
 from distillery.model import DiffusionModel, unet_fingerprint
 
@@ -77,8 +78,7 @@ def kd_loss(student, teacher, student_blocks: BlockOutputs, teacher_blocks: Bloc
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator,
                       device=latents.device)
     x_t = noise_scheduler.add_noise(latents, noise, t)
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-        noise_scheduler.get_velocity(latents, noise, t)
+    target = noise_target(noise_scheduler, latents, noise, t)
     with torch.no_grad():
         out_t = teacher(x_t, t, encoder_hidden_states=batch.cond).sample
     out_s = student(x_t, t, encoder_hidden_states=batch.cond).sample

@@ -23,7 +23,7 @@ from PIL import Image
 
 from distillery.adapters import save_adapter
 from distillery.distill.toy.data import IMAGE_SIZE, STRIPE_PERIOD
-from distillery.distill.training.ddim import require_eps_prediction
+from distillery.distill.training.ddim import noise_target, require_supported_prediction
 from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.training.student import start_from
 from distillery.model import DiffusionModel
@@ -63,7 +63,7 @@ def style_strength(images: list[Image.Image], plain_score: float, style_score: f
 def train_style(cfg: StyleTrainConfig) -> Path:
     accelerator = make_accelerator(cfg)
     model = DiffusionModel.from_pretrained(cfg.model, device=accelerator.device)
-    require_eps_prediction(model.scheduler_config, "train-style")
+    require_supported_prediction(model.scheduler_config, "train-style")
     base_fingerprint = model.fingerprint
     if cfg.init_from:
         start_from(model.unet, Path(cfg.init_from), ADAPTER_NAME, cfg)
@@ -76,8 +76,8 @@ def train_style(cfg: StyleTrainConfig) -> Path:
         x0 = batch.latents
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen, device=x0.device)
-        eps = student(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=batch.cond).sample
-        return F.mse_loss(eps.float(), noise.float())
+        out = student(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=batch.cond).sample
+        return F.mse_loss(out.float(), noise_target(noise_scheduler, x0, noise, t).float())
 
     summary = train_student(accelerator, cfg, model, loss_of, "style LoRA")
     out = Path(cfg.out)
