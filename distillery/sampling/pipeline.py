@@ -48,10 +48,9 @@ def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tup
 
 
 def start_denoising(model: DiffusionModel, prompt: str, seed: int, plan: SamplingPlan, adapters: AdapterSet = (),
-                    encoded: tuple[torch.Tensor, float] | None = None, eta: float = 0.0,
-                    rescale: float = 0.0) -> Denoising:
+                    encoded: tuple[torch.Tensor, float] | None = None, eta: float = 0.0) -> Denoising:
     """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler the
-    plan asks for (`eta`: DDIM's, from the seed's step noise; `rescale`: CFG's std rescale)."""
+    plan asks for (`eta`: DDIM's, from the seed's step noise)."""
     if encoded is None:
         texts, ms = encode_together(model, [plan.prompts(prompt)])
         encoded = texts[0], ms
@@ -59,7 +58,7 @@ def start_denoising(model: DiffusionModel, prompt: str, seed: int, plan: Samplin
     noise = initial_noise(seed, model.latent_shape(plan.height, plan.width), model.device, model.dtype)
     made = make_scheduler(plan.scheduler, model.scheduler_config, plan.scheduler_overrides)
     sampler = GuidedSampler(made, noise, plan.steps, plan.guidance, cond=text[:1],
-                            uncond=None if plan.single_eval else text[1:], rescale=rescale,
+                            uncond=None if plan.single_eval else text[1:], rescale=plan.guidance_rescale,
                             generator=step_noise(seed), eta=eta)
     return Denoising(plan, sampler, tuple(adapters), {"text_encode": text_ms})
 
@@ -144,14 +143,15 @@ class Generated:
 
 
 def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], guidance: float, steps: int,
-             scheduler: str | None = None, adapters: AdapterSet = (), rescale: float = 0.0,
+             scheduler: str | None = None, adapters: AdapterSet = (), rescale: float | None = None,
              height: int | None = None, width: int | None = None, registry: AdapterRegistry | None = None,
              deterministic: bool = False) -> Generated:
     """Several prompts with the same settings, stepped together, planned as a served request would be
     (scheduler: default the distilled adapter's, else DDIM). Adapters need the `registry` they were loaded into;
     without adapters the model runs as it is (a model nobody serves stays untouched)."""
-    plan = plan_sampling(ModelLimits.of(model), tuple(adapters), Ask(guidance, steps, scheduler, width, height))
-    denoisings = [start_denoising(model, p, s, plan, adapters, rescale=rescale) for p, s in zip(prompts, seeds)]
+    plan = plan_sampling(ModelLimits.of(model), tuple(adapters), Ask(guidance, steps, scheduler, width, height,
+                                                                     guidance_rescale=rescale))
+    denoisings = [start_denoising(model, p, s, plan, adapters) for p, s in zip(prompts, seeds)]
     t0 = time.perf_counter()
     while not denoisings[0].sampler.done:
         if failed := unet_step(model, registry, denoisings, deterministic):

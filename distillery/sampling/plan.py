@@ -26,6 +26,7 @@ MAX_GUIDANCE = 30.0
 DEFAULT_MAX_STEPS = 150  # the operator's default cap on steps per image (DISTILLERY_MAX_STEPS raises it)
 DEFAULT_MAX_COST = 2000.0  # UNet row-steps at the native size per request (DISTILLERY_MAX_REQUEST_COST)
 WEIGHT_RANGE = (0.0, 2.0)  # an adapter's LoRA scale in a request, a prompt tag or a preset
+RESCALE_RANGE = (0.0, 1.0)  # CFG's std rescale (Lin et al. 2023; diffusers' guidance_rescale): 0 off, 0.7 for zero-SNR
 CFG, SINGLE_EVAL = "cfg", "single-eval"
 
 
@@ -76,6 +77,7 @@ class ModelLimits:
     size_step: int
     scheduler_config: dict = field(default_factory=dict, compare=False, repr=False)
     max_cost: float = float("inf")  # a request's UNet row-steps at the native size, all its images
+    default_guidance_rescale: float = 0.0  # the model's own (distillery.json), for its CFG requests
 
     @classmethod
     def of(cls, model, max_steps: int | None = None, max_cost: float | None = None) -> ModelLimits:
@@ -83,7 +85,8 @@ class ModelLimits:
         most = max(1, min([MAX_STEPS, config_max_steps(model.scheduler_config)] + ([max_steps] if max_steps else [])))
         steps = int(model.defaults.get("steps", DEFAULT_STEPS))
         return cls(float(model.defaults.get("guidance", 0.0)), min(steps, most), most, model.default_size,
-                   model.size_step, dict(model.scheduler_config), float("inf") if max_cost is None else max_cost)
+                   model.size_step, dict(model.scheduler_config), float("inf") if max_cost is None else max_cost,
+                   float(model.defaults.get("guidance_rescale", 0.0)))
 
     @property
     def max_size(self) -> int:
@@ -110,6 +113,7 @@ class Ask:
     width: int | None = None
     height: int | None = None
     negative_prompt: str = ""
+    guidance_rescale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class SamplingPlan:
     height: int
     negative_prompt: str = ""
     scheduler_overrides: dict = field(default_factory=dict, compare=False)  # the distilled adapter's config
+    guidance_rescale: float = 0.0  # CFG only: single-eval has no unconditional branch to rescale against
 
     @property
     def mode(self) -> str:
@@ -196,6 +201,13 @@ def plan_sampling(limits: ModelLimits, chosen: AdapterSet, ask: Ask) -> Sampling
     if ask.negative_prompt and distilled:
         raise PlanRefused("negative_prompt", "negative_prompt: only in cfg mode; a guidance-distilled adapter "
                                              "samples without the unconditional branch")
+    rescale = limits.default_guidance_rescale if ask.guidance_rescale is None else float(ask.guidance_rescale)
+    if not RESCALE_RANGE[0] <= rescale <= RESCALE_RANGE[1]:
+        raise PlanRefused("guidance_rescale", f"guidance_rescale: {rescale} is not allowed (allowed: "
+                                              f"[{RESCALE_RANGE[0]:g}, {RESCALE_RANGE[1]:g}])")
+    if ask.guidance_rescale and distilled:
+        raise PlanRefused("guidance_rescale", "guidance_rescale: only in cfg mode (allowed: 0 or none with a "
+                                              "guidance-distilled adapter)")
     scheduler = ask.scheduler or (meta.recommended_scheduler if meta else DEFAULT_SCHEDULER)
     if scheduler not in SCHEDULER_NAMES:
         raise PlanRefused("scheduler", f"scheduler: {scheduler!r} is unknown (allowed: {' or '.join(SCHEDULER_NAMES)})")
@@ -220,4 +232,5 @@ def plan_sampling(limits: ModelLimits, chosen: AdapterSet, ask: Ask) -> Sampling
         raise PlanRefused("steps", f"steps: {steps} with the {scheduler} scheduler would sample a timestep this model "
                                    f"was not trained on (allowed: fewer steps, or another scheduler)")
     return SamplingPlan(guidance, steps, scheduler, distilled is not None, ask.width or limits.native_size,
-                        ask.height or limits.native_size, ask.negative_prompt, overrides)
+                        ask.height or limits.native_size, ask.negative_prompt, overrides,
+                        0.0 if distilled else rescale)

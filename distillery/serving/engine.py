@@ -177,8 +177,9 @@ class Engine:
             return None
         chosen = tuple(found)
         plan = plan_sampling(self.limits, chosen, Ask(job.guidance, job.steps, job.scheduler, job.width, job.height,
-                                                      job.negative_prompt))
-        return replace(job, guidance=plan.guidance, steps=plan.steps, scheduler=plan.scheduler), chosen, plan
+                                                      job.negative_prompt, job.guidance_rescale))
+        return (replace(job, guidance=plan.guidance, steps=plan.steps, scheduler=plan.scheduler,
+                        guidance_rescale=plan.guidance_rescale), chosen, plan)
 
     async def planned(self, job: Job) -> tuple[Job, AdapterSet, SamplingPlan]:
         """`plan` from the event loop: an evicted adapter is read back on the torch thread."""

@@ -62,6 +62,7 @@ class Job:
     height: int | None = None
     width: int | None = None
     negative_prompt: str = ""
+    guidance_rescale: float | None = None  # CFG's std rescale; None: the model's
     eta: float = 0.0  # DDIM's eta (the A1111 API's); other schedulers take none
 
 

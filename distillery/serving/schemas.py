@@ -7,7 +7,7 @@ from typing import Any, Literal
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distillery.sampling.plan import MAX_GUIDANCE, MAX_STEPS, SCHEDULER_NAMES, WEIGHT_RANGE
+from distillery.sampling.plan import MAX_GUIDANCE, MAX_STEPS, RESCALE_RANGE, SCHEDULER_NAMES, WEIGHT_RANGE
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 10  # per request: the OpenAI API's bound; they are submitted together (distillery/serving/submit.py)
@@ -20,6 +20,10 @@ PATTERN_HELP = {
                           "starting with '.', no control characters",
     ADAPTER_NAME_PATTERN: "letters, digits, '.', '_' and '-', starting with a letter or digit",
 }
+
+
+RESCALE_DESCRIPTION = ("CFG's std rescale (Lin et al. 2023, arXiv 2305.08891; diffusers' guidance_rescale): 0 is "
+                       "plain CFG, 0.7 suits zero-terminal-SNR models; cfg mode only.")
 
 
 class JSONRequest(BaseModel):
@@ -67,6 +71,8 @@ class ImageRequest(JSONRequest):
         description="Guidance weight w (Meng et al.): eps = (1 + w) eps(c) - w eps(empty); w = 0 is the plain "
                     "conditional model; diffusers' guidance_scale = 1 + w. Default: the model's measured best w.",
     )
+    guidance_rescale: float | None = Field(default=None, ge=RESCALE_RANGE[0], le=RESCALE_RANGE[1], allow_inf_nan=False,
+                                           description=RESCALE_DESCRIPTION + " Default: the model's (GET /model).")
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS,
                               description="Denoising steps, at most what the model's scheduler and the operator's "
                                           "`DISTILLERY_MAX_STEPS` allow (GET /model: max_steps), and one a "
@@ -133,6 +139,7 @@ class PeakMemory(BaseModel):
 class GenerateInfo(BaseModel):
     seed: int
     guidance: float
+    guidance_rescale: float = Field(description=RESCALE_DESCRIPTION)
     steps: int
     scheduler: str
     mode: Literal["cfg", "single-eval"]
@@ -203,6 +210,7 @@ class ModelInfo(BaseModel):
     max_size: int = Field(description="Largest width or height: twice the native size.")
     max_steps: int = Field(description="Most steps a request may ask for here.")
     default_guidance: float
+    default_guidance_rescale: float = Field(description="A CFG request's guidance_rescale when it names none.")
     default_steps: int
     schedulers: list[str] = Field(description="The schedulers a request may name.")
     lora_backends: LoRABackends
@@ -212,6 +220,7 @@ class PlanInfo(BaseModel):
     """What a request would be sampled with (POST /generate/plan)."""
 
     guidance: float
+    guidance_rescale: float = Field(description=RESCALE_DESCRIPTION)
     steps: int
     scheduler: str
     mode: Literal["cfg", "single-eval"]

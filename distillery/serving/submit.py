@@ -34,7 +34,8 @@ async def run_jobs(eng: Engine, jobs: list[Job], request: Request | None = None)
 def info_of(result: Result) -> dict:
     """One image's info, as every API reports it (the native API's GenerateInfo)."""
     job = result.job  # with the guidance, scheduler and steps it was sampled with
-    return {"seed": job.seed, "guidance": job.guidance, "steps": job.steps, "scheduler": job.scheduler,
+    return {"seed": job.seed, "guidance": job.guidance, "guidance_rescale": job.guidance_rescale, "steps": job.steps,
+            "scheduler": job.scheduler,
             "mode": result.mode, "unet_evaluations": result.unet_evaluations,
             "adapters": [list(a) for a in job.adapters],
             "latency_ms": {k: round(v, 2) for k, v in result.timings_ms.items()}, "peak_memory": result.peak_memory}

@@ -44,6 +44,14 @@ def test_a_distilled_adapter_makes_it_single_eval_with_its_own_recipe():
     assert plan_sampling(LIMITS, ((PROGRESSIVE, 1.0),), Ask(guidance=1.0)).steps == 8
 
 
+def test_guidance_rescale_is_the_models_default_in_cfg_mode_and_off_in_single_eval():
+    limits = ModelLimits(**{**LIMITS.__dict__, "default_guidance_rescale": 0.7})  # a zero-SNR model's distillery.json
+    assert plan_sampling(limits, (), Ask()).guidance_rescale == 0.7
+    assert plan_sampling(limits, (), Ask(guidance_rescale=0.0)).guidance_rescale == 0.0
+    assert plan_sampling(limits, ((GUIDANCE, 1.0),), Ask()).guidance_rescale == 0.0  # nothing to rescale against
+    assert plan_sampling(LIMITS, ((STYLE, 1.0),), Ask(guidance_rescale=0.3)).guidance_rescale == 0.3
+
+
 def test_step_cost_counts_rows_and_pixels_at_the_native_size():
     assert plan_sampling(LIMITS, (), Ask(width=64, height=64)).step_cost(32) == 8
     assert plan_sampling(LIMITS, ((GUIDANCE, 1.0),), Ask()).step_cost(32) == 1
@@ -53,6 +61,8 @@ def test_step_cost_counts_rows_and_pixels_at_the_native_size():
     (((GUIDANCE, 1.0), (LCM, 1.0)), Ask(), "adapters", ["at most one distilled adapter"]),
     (((GUIDANCE, 1.0),), Ask(guidance=5.0), "guidance", ["5.0", "[0.0, 4.0]"]),
     (((GUIDANCE, 1.0),), Ask(negative_prompt="blue"), "negative_prompt", ["only in cfg mode"]),
+    (((GUIDANCE, 1.0),), Ask(guidance_rescale=0.7), "guidance_rescale", ["only in cfg mode"]),
+    ((), Ask(guidance_rescale=1.5), "guidance_rescale", ["1.5", "[0, 1]"]),
     (((LCM, 1.0),), Ask(guidance=1.0, scheduler="ddim"), "scheduler", ["allowed: lcm"]),
     (((LCM, 1.0),), Ask(guidance=1.0, steps=9), "steps", ["integer in [1, 8]"]),
     (((PROGRESSIVE, 1.0),), Ask(guidance=1.0, steps=4), "steps", ["one of [8]"]),

@@ -66,6 +66,7 @@ def test_empty_prompt_is_an_unconditional_image(client):
         ({"prompt": "x", "guidance": -0.5}, "guidance", "[0.0, 30.0]"),
         ({"prompt": "x", "guidance": "high"}, "guidance", "[0.0, 30.0]"),
         ({"prompt": "x", "seed": -1}, "seed", "[0, "),
+        ({"prompt": "x", "guidance_rescale": 1.5}, "guidance_rescale", "[0.0, 1.0]"),
         ({"prompt": 5}, "prompt", "string"),
         ({"prompt": "x", "scheduler": "plms"}, "scheduler", "'ddim'"),
         ({"prompt": "x", "guidence": 2}, "guidence", "known fields"),
@@ -114,6 +115,19 @@ def test_guidance_distilled_adapter_gives_single_eval_mode(client):
     assert resp.headers["x-adapters"] == "guidance-toy"
     plain = client.post("/generate", json={**body, "adapters": []})
     assert plain.headers["x-mode"] == "cfg" and plain.content != resp.content
+
+
+def test_guidance_rescale_is_applied_reported_and_cfg_only(client):
+    body = {"prompt": "a red circle", "guidance": 4.0, "steps": 3, "seed": 2, "response_format": "json"}
+    plain, rescaled = (client.post("/generate", json={**body, "guidance_rescale": r}) for r in (None, 0.7))
+    assert plain.json()["info"]["guidance_rescale"] == 0.0 and rescaled.json()["info"]["guidance_rescale"] == 0.7
+    assert rescaled.json()["image_png_base64"] != plain.json()["image_png_base64"]
+    planned = client.post("/generate/plan", json={"prompt": "x", "guidance_rescale": 0.5}).json()
+    assert planned["guidance_rescale"] == 0.5
+    assert client.get("/model").json()["default_guidance_rescale"] == 0.0  # the toy states none
+    distilled = client.post("/generate", json={**body, "guidance": 2.0, "guidance_rescale": 0.7,
+                                               "adapters": [{"name": "guidance-toy"}]})
+    assert distilled.status_code == 422 and distilled.json()["detail"][0]["field"] == "guidance_rescale"
 
 
 def test_guidance_outside_the_adapters_trained_range_is_422(client):

@@ -31,7 +31,7 @@ def job_of(req: ImageRequest) -> Job:
     """The request's image as the engine's Job (unset fields: the plan's defaults)."""
     return Job(prompt=req.prompt, guidance=req.guidance, steps=req.steps, seed=0, scheduler=req.scheduler,
                adapters=tuple((a.name, a.weight) for a in req.adapters), height=req.height, width=req.width,
-               negative_prompt=req.negative_prompt or "")
+               negative_prompt=req.negative_prompt or "", guidance_rescale=req.guidance_rescale)
 
 
 async def generated_json(results: list[Result]) -> dict:
@@ -88,7 +88,8 @@ async def plan_request(req: ImageRequest, eng: Engine = Depends(engine_of)) -> d
     """What POST /generate would sample this request with (mode, scheduler, steps, w, size), or its refusal;
     nothing is generated or queued. The playground shows its defaults from here."""
     job, _, plan = await eng.planned(job_of(req))
-    return {"guidance": plan.guidance, "steps": plan.steps, "scheduler": plan.scheduler, "mode": plan.mode,
+    return {"guidance": plan.guidance, "guidance_rescale": plan.guidance_rescale, "steps": plan.steps,
+            "scheduler": plan.scheduler, "mode": plan.mode,
             "width": plan.width, "height": plan.height, "unet_evaluations": plan.rows_per_step * plan.steps}
 
 
@@ -97,5 +98,6 @@ async def model_info(eng: Engine = Depends(engine_of), settings: Settings = Depe
     limits = eng.limits
     return {"path": settings.model_path, "fingerprint": eng.fingerprint, "native_size": limits.native_size,
             "size_step": limits.size_step, "max_size": limits.max_size, "max_steps": limits.max_steps,
-            "default_guidance": limits.default_guidance, "default_steps": limits.default_steps,
+            "default_guidance": limits.default_guidance, "default_guidance_rescale": limits.default_guidance_rescale,
+            "default_steps": limits.default_steps,
             "schedulers": list(limits.schedulers), "lora_backends": eng.lora_backends()}
