@@ -136,7 +136,7 @@ def read_adapter(folder: Path, base_fingerprint: str) -> AdapterFiles:
     meta = AdapterMeta.read(folder)
     if meta.base_fingerprint != base_fingerprint:
         raise OtherBase(f"adapter {folder.name!r} was trained on base model {meta.base_fingerprint}, but the loaded "
-                           f"base is {base_fingerprint}; retrain it on this base or load the base it was made for")
+                        f"base is {base_fingerprint}; retrain it on this base or load the base it was made for")
     lora = _load_safetensors(folder / LORA_FILE)
     if not lora or not all(k.startswith("unet.") and "lora" in k for k in lora):
         raise AdapterError(f"{folder / LORA_FILE} holds no UNet LoRA weights in diffusers format")

@@ -85,4 +85,3 @@ def test_progressive_rounds_chain_teacher_to_student_and_a_finished_round_is_not
     assert second["training"]["teacher"] == str(tmp_path / "prog-4") and second["recommended_steps"] == 2
     mtime = (last / "adapter.json").stat().st_mtime_ns
     assert distill_progressive(cfg) == last and (last / "adapter.json").stat().st_mtime_ns == mtime
-
