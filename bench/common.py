@@ -104,7 +104,7 @@ def image_parts(model: DiffusionModel, registry: AdapterRegistry, adapter: Loade
 
     def unet_call(x, text, row_sets):
         with torch.no_grad(), registry.active(row_sets):
-            model.unet(x, t, encoder_hidden_states=text, timestep_cond=guidance_embedding(torch.full((len(x),), w)))
+            model.unet(x, t, **text.unet_kwargs(), timestep_cond=guidance_embedding(torch.full((len(x),), w)))
 
     return interleaved_medians({
         "unet_b1_base": lambda: unet_call(x1, text1, [()]),

@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 from distillery.adapters import AdapterRegistry
 from distillery.adapters.backends.compiled import BUCKETS, SlotAdapters
-from distillery.model import DiffusionModel, unet_fingerprint
+from distillery.model import Conditioning, DiffusionModel, unet_fingerprint
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 from distillery.serving.config import Settings
@@ -101,7 +101,7 @@ def _measure(eager, registry, compiled, adapters: dict, calls: int, buckets: tup
 
     def run_compiled(sets, x, t, text, w):
         with torch.no_grad():
-            return slots.eps(x, t, text, w, sets)
+            return slots.eps(x, t, Conditioning(text), w, sets)
 
     def run_eager(sets, x, t, text, w):
         with torch.no_grad(), registry.active(sets):

@@ -44,6 +44,7 @@ def _step(config: str, scale: str, quick: bool) -> int:
         attach_student,
         distillation_step,
     )
+    from distillery.model import Conditioning
     from distillery.sampling.guidance import guidance_embedding
     from distillery.testing.sd15 import sd15_scheduler
 
@@ -65,7 +66,7 @@ def _step(config: str, scale: str, quick: bool) -> int:
     unet.train()
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     if config == "shared":
-        loss = distillation_step(unet, unet, x0, cond, uncond, w, noise_scheduler)
+        loss = distillation_step(unet, unet, x0, Conditioning(cond), Conditioning(uncond), w, noise_scheduler)
     else:  # same step, the teacher pass on the separate copy
         noise, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,))
         x_t = noise_scheduler.add_noise(x0, noise, t)

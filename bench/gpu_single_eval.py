@@ -41,7 +41,7 @@ def _parts(plan, model, registry, student, rounds: int) -> dict[str, float]:
     def unet_call(x, text, row_sets):
         w_emb = guidance_embedding(torch.full((len(x),), W)).to(**dev)
         with torch.no_grad(), registry.active(row_sets):
-            model.unet(x, t.expand(len(x)), encoder_hidden_states=text, timestep_cond=w_emb)
+            model.unet(x, t.expand(len(x)), **text.unet_kwargs(), timestep_cond=w_emb)
 
     return interleaved_medians(plan, {
         "unet_b1": lambda: unet_call(x1, text1, [()]),

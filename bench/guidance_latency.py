@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import image_limit, image_parts, interleaved_medians, sd15_with_adapter, toy_with_guidance_adapter
+from distillery.model import Conditioning
 from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.pipeline import Denoising, generate, unet_step
 from distillery.sampling.plan import SamplingPlan
@@ -72,7 +73,8 @@ def _sd15(quick: bool) -> dict:
 
         def run_loop(adapters: tuple, text_uncond) -> None:
             noise = initial_noise(0, (4, latent, latent), "cpu", torch.float32)
-            sampler = GuidedSampler(make_scheduler("ddim", model.scheduler_config), noise, 4, 2.0, cond, text_uncond)
+            sampler = GuidedSampler(make_scheduler("ddim", model.scheduler_config), noise, 4, 2.0, Conditioning(cond),
+                                    None if text_uncond is None else Conditioning(text_uncond))
             plan = SamplingPlan(2.0, 4, "ddim", single_eval=text_uncond is None, width=latent * 8, height=latent * 8)
             request = Denoising(plan, sampler, adapters)
             while not sampler.done:

@@ -43,6 +43,25 @@ def random_toy_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def random_toy_xl_folder(tmp_path_factory):
+    """The SDXL-family toy architecture with random weights, written by stock StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from distillery.distill.toy import architecture
+
+    torch.manual_seed(0)
+    tokenizer = architecture.build_tokenizer()
+    text_encoder, text_encoder_2 = architecture.build_xl_text_encoders(len(tokenizer))
+    pipe = StableDiffusionXLPipeline(
+        vae=architecture.build_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=architecture.build_xl_unet(), scheduler=architecture.build_scheduler(),
+        add_watermarker=False)
+    folder = tmp_path_factory.mktemp("random_toy_xl")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def sd2_style_folder(random_toy_folder, tmp_path_factory):
     """The random toy as SD 2.x configures its models: v-prediction, zero terminal SNR, trailing spacing, linear
     projections into attention, attention upcast."""
@@ -78,9 +97,11 @@ HEAVY_FILES = {
     "serving/test_client_apis.py": "a live server and the real client libraries",
     "serving/test_playground.py": "headless Chromium against a live server",
     "serving/test_pruned_base.py": "a live server on the pruned base",
+    "serving/test_sdxl_family.py": "an SDXL-family app per LoRA backend, and a compiled slot UNet",
     "deploy/test_prometheus_scrape.py": "a real Prometheus scraping a live server",
     "distill/test_distributed.py": "distillers under accelerate launch, 2 processes",
     "distill/test_no_side_effects.py": "train-toy and distill-guidance runs",
+    "distill/test_sdxl_family.py": "three distillers' runs on an SDXL-family base",
     "kernels/test_lora_triton_compiles.py": "Triton and ptxas compile for sm_90",
     "sampling/test_deterministic.py": "crowds of requests, row by row, through every backend",
     "test_bench_references.py": "evaluation sets and FID references rendered, some twice",

@@ -61,7 +61,7 @@ class AdapterRegistry:
         return self.backends[choice.one_set] if choice.one_set == choice.mixed else Routed(self.backends, choice)
 
     def choose(self, forced: str, inputs: tuple) -> Choice:
-        """Choose the backends for the calls to come: `forced` ("auto": measured on `inputs`, (x, t, text, w_emb) of
+        """Choose the backends for the calls to come: `forced` ("auto": measured on `inputs`, (x, t, cond, w_emb) of
         one UNet call of the configured batch, with the resident adapters or random ones of their shapes)."""
         started = time.perf_counter()
         if forced != "auto":

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from distillery.adapters import AdapterRegistry, AdapterSet, set_key
-from distillery.model import DiffusionModel
+from distillery.model import Conditioning, DiffusionModel
 from distillery.sampling.guidance import guidance_embedding
 from distillery.sampling.plan import Ask, ModelLimits, SamplingPlan, plan_sampling
 from distillery.sampling.sampler import GuidedSampler, initial_noise, make_scheduler, step_noise
@@ -40,25 +40,26 @@ class Denoising:
         return self.plan.rows_per_step * len(self.sampler.timesteps)
 
 
-def encode_together(model: DiffusionModel, prompt_lists: list[list[str]]) -> tuple[list[torch.Tensor], float]:
-    """Every request's prompts in ONE text-encoder call (throughput mode): (per request (k, T, D), ms)."""
+def encode_together(model: DiffusionModel, prompt_lists: list[list[str | None]]) -> tuple[list[Conditioning], float]:
+    """Every request's prompts in ONE text-encoder call (throughput mode): (per request k rows, ms)."""
     t0 = time.perf_counter()
-    text = model.encode_prompts([p for prompts in prompt_lists for p in prompts])  # (sum k, T, D)
-    return list(text.split([len(p) for p in prompt_lists])), (time.perf_counter() - t0) * 1e3
+    cond = model.encode_prompts([p for prompts in prompt_lists for p in prompts])  # sum k rows
+    return cond.split([len(p) for p in prompt_lists]), (time.perf_counter() - t0) * 1e3
 
 
 def start_denoising(model: DiffusionModel, prompt: str, seed: int, plan: SamplingPlan, adapters: AdapterSet = (),
-                    encoded: tuple[torch.Tensor, float] | None = None, eta: float = 0.0) -> Denoising:
-    """Encode the prompt (alone, unless `encoded` = (text, ms) from `encode_together`) and make the sampler the
-    plan asks for (`eta`: DDIM's, from the seed's step noise)."""
+                    encoded: tuple[Conditioning, float] | None = None, eta: float = 0.0) -> Denoising:
+    """Encode the prompt (alone, unless `encoded` = (conditioning, ms) from `encode_together`) and make the
+    sampler the plan asks for (`eta`: DDIM's, from the seed's step noise)."""
     if encoded is None:
-        texts, ms = encode_together(model, [plan.prompts(prompt)])
-        encoded = texts[0], ms
-    text, text_ms = encoded  # (rows_per_step, T, D)
+        conds, ms = encode_together(model, [plan.prompts(prompt)])
+        encoded = conds[0], ms
+    cond, text_ms = encoded  # rows_per_step rows: the prompt's, then the unconditional branch's (CFG)
+    cond = cond.sized(plan.height, plan.width)
     noise = initial_noise(seed, model.latent_shape(plan.height, plan.width), model.device, model.dtype)
     made = make_scheduler(plan.scheduler, model.scheduler_config, plan.scheduler_overrides)
-    sampler = GuidedSampler(made, noise, plan.steps, plan.guidance, cond=text[:1],
-                            uncond=None if plan.single_eval else text[1:], rescale=plan.guidance_rescale,
+    sampler = GuidedSampler(made, noise, plan.steps, plan.guidance, cond=cond[:1],
+                            uncond=None if plan.single_eval else cond[1:], rescale=plan.guidance_rescale,
                             generator=step_noise(seed), eta=eta)
     return Denoising(plan, sampler, tuple(adapters), {"text_encode": text_ms})
 
@@ -82,7 +83,7 @@ def unet_step(model: DiffusionModel, registry: AdapterRegistry | None, denoising
         for den in denoisings:
             rows = den.sampler.rows()
             eps = [_unet_call(model, registry, [rows.latents[i:i + 1].clone()], [rows.timestep.reshape(1)],
-                              [rows.text[i:i + 1].clone()], [rows.guidance[i:i + 1]], [den.adapters])
+                              [rows.cond[i:i + 1].map(torch.clone)], [rows.guidance[i:i + 1]], [den.adapters])
                    for i in range(rows.latents.shape[0])]
             eps_of.append((den, torch.cat(eps)))
     else:
@@ -93,7 +94,7 @@ def unet_step(model: DiffusionModel, registry: AdapterRegistry | None, denoising
             rows = [r.sampler.rows() for r in group]
             n = [r.latents.shape[0] for r in rows]
             eps = _unet_call(model, registry, [r.latents for r in rows],
-                             [r.timestep.reshape(1).expand(k) for r, k in zip(rows, n)], [r.text for r in rows],
+                             [r.timestep.reshape(1).expand(k) for r, k in zip(rows, n)], [r.cond for r in rows],
                              [r.guidance for r in rows], [den.adapters for den, k in zip(group, n) for _ in range(k)])
             eps_of += zip(group, eps.split(n))
     failed = []
@@ -105,16 +106,16 @@ def unet_step(model: DiffusionModel, registry: AdapterRegistry | None, denoising
     return failed
 
 
-def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents, timesteps, texts, guidance,
+def _unet_call(model: DiffusionModel, registry: AdapterRegistry | None, latents, timesteps, conds, guidance,
                row_sets: list[AdapterSet]) -> torch.Tensor:
     """eps (rows, C, h, w) for the concatenated rows; w reaches only rows whose set has a w projection."""
     x = torch.cat(latents)  # (rows, C, h, w)
     t = torch.cat(timesteps)  # (rows,) per-row timesteps
-    text = torch.cat(texts)  # (rows, T, D)
+    cond = Conditioning.cat(conds)
     if registry is None:  # a plain UNet: no serving layers, no w projection
-        return model.unet(x, t, encoder_hidden_states=text).sample
+        return model.unet(x, t, **cond.unet_kwargs()).sample
     w_emb = guidance_embedding(torch.cat(guidance)).to(x.device, x.dtype)  # (rows, E)
-    return registry.backend.eps(x, t, text, w_emb, row_sets)  # (rows, C, h, w): per-row, merged or compiled
+    return registry.backend.eps(x, t, cond, w_emb, row_sets)  # (rows, C, h, w): per-row, merged or compiled
 
 
 @torch.no_grad()

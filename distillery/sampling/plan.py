@@ -146,9 +146,10 @@ class SamplingPlan:
         """The whole image's work: UNet row-steps at the native size."""
         return self.steps * self.step_cost(native_size)
 
-    def prompts(self, prompt: str) -> list[str]:
-        """What the request encodes: its prompt alone (single-eval) or with the unconditional branch's (CFG)."""
-        return [prompt] if self.single_eval else [prompt, self.negative_prompt]
+    def prompts(self, prompt: str) -> list[str | None]:
+        """What the request encodes: its prompt alone (single-eval) or with the unconditional branch's (CFG):
+        the negative prompt, or None without one (the model's family says what that is: model.encode_prompts)."""
+        return [prompt] if self.single_eval else [prompt, self.negative_prompt or None]
 
 
 def distilled_adapter(chosen: AdapterSet) -> LoadedAdapter | None:

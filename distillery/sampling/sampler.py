@@ -22,6 +22,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, LCMScheduler)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from distillery.model import Conditioning
+
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
               "dpm": DPMSolverMultistepScheduler, "lcm": LCMScheduler}
 
@@ -55,31 +57,31 @@ class Rows:
 
     latents: torch.Tensor  # (k, C, h, w), scaled for the scheduler
     timestep: torch.Tensor  # scalar
-    text: torch.Tensor  # (k, T, D)
+    cond: Conditioning  # k rows
     guidance: torch.Tensor  # (k,) w fed to the w projection (rows without a distilled adapter ignore it)
 
 
 class GuidedSampler:
     """One image. `uncond` given -> CFG (2 rows per step); None -> single-eval (1 row, w-conditioned)."""
 
-    def __init__(self, scheduler, noise: torch.Tensor, steps: int, w: float, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, rescale: float = 0.0, generator: torch.Generator | None = None,
+    def __init__(self, scheduler, noise: torch.Tensor, steps: int, w: float, cond: Conditioning,
+                 uncond: Conditioning | None, rescale: float = 0.0, generator: torch.Generator | None = None,
                  eta: float = 0.0):
         self.scheduler, self.w, self.rescale, self.generator = scheduler, float(w), rescale, generator
         self.step_kwargs = {"eta": eta} if eta else {}  # DDIM's eta (Song et al.): 0 deterministic, 1 DDPM-like
         scheduler.set_timesteps(steps, device=noise.device)
         self.timesteps = scheduler.timesteps
         self.latents = noise * scheduler.init_noise_sigma  # (1, C, h, w)
-        self.text = cond if uncond is None else torch.cat([uncond, cond])  # (1 or 2, T, D)
+        self.cond = cond if uncond is None else Conditioning.cat([uncond, cond])  # 1 or 2 rows
         self.step_index = 0
 
     @property
     def cfg(self) -> bool:
-        return self.text.shape[0] == 2
+        return self.cond.rows == 2
 
     @property
     def n_rows(self) -> int:
-        return self.text.shape[0]
+        return self.cond.rows
 
     @property
     def done(self) -> bool:
@@ -88,7 +90,7 @@ class GuidedSampler:
     def rows(self) -> Rows:
         t = self.timesteps[self.step_index]
         x = self.scheduler.scale_model_input(self.latents, t).expand(self.n_rows, -1, -1, -1)
-        return Rows(x, t, self.text, torch.full((self.n_rows,), self.w))
+        return Rows(x, t, self.cond, torch.full((self.n_rows,), self.w))
 
     def advance(self, eps: torch.Tensor) -> None:
         """eps: (n_rows, C, h, w), this sampler's share of the UNet output, in rows() order."""

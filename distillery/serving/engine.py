@@ -89,8 +89,8 @@ class Engine:
                      lora_backend=settings.adapter_backend)
         engine.load_adapters_from(settings.adapters_root)
         if slots is not None:  # every bucket compiled before traffic, at the native size
-            text = model.encode_prompts([""]).shape[1:]
-            slots.warm(model.latent_shape(model.default_size, model.default_size), text, model.device, model.dtype)
+            native = model.default_size
+            slots.warm(model.latent_shape(native, native), model.encode_prompts([""]).sized(native, native))
         return engine
 
     def choose_lora_backends(self, forced: str, rows: float) -> dict:
@@ -100,9 +100,9 @@ class Engine:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(n, *model.latent_shape(native, native), generator=g).to(model.device, model.dtype)
         t = torch.randint(1, 1000, (n,), generator=g).to(model.device)
-        text = model.encode_prompts([""]).repeat(n, 1, 1)  # (n, T, D)
+        cond = model.encode_prompts([""]).sized(native, native).repeat(n)
         w_emb = guidance_embedding(torch.rand(n, generator=g) * 5).to(model.device, model.dtype)  # (n, E)
-        return self.registry.choose(forced, (x, t, text, w_emb)).report()
+        return self.registry.choose(forced, (x, t, cond, w_emb)).report()
 
     def lora_backends(self) -> dict:
         """Which LoRA backend runs one-set and mixed calls, with the start-up timings (GET /model)."""

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from distillery.adapters import AdapterRegistry
 from distillery.adapters.backends import CASES, Routed, measure, timing_calls
 from distillery.adapters.backends.choice import mixes
-from distillery.model import DiffusionModel
+from distillery.model import Conditioning, DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.serving.app import create_app
 from distillery.serving.config import Settings
@@ -33,7 +33,7 @@ class FakeBackend:
         self.name, self.clock, self.ms, self.error, self.fails = name, clock, ms, error, fails
         self.calls: list[str] = []
 
-    def eps(self, x, t, text, w_emb, row_sets):
+    def eps(self, x, t, cond, w_emb, row_sets):
         case = "mixed" if mixes(row_sets) else "one_set"
         self.calls.append(case)
         if self.fails:
@@ -116,7 +116,7 @@ def registry():
 def _inputs(model, rows: int):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(rows, *model.latent_shape(32, 32), generator=g), torch.randint(1, 1000, (rows,), generator=g),
-            torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g),
+            Conditioning(torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g)),
             torch.randn(rows, 256, generator=g))
 
 

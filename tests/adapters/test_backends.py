@@ -7,7 +7,7 @@ import torch
 
 from distillery.adapters import AdapterRegistry, SlotAdapters
 from distillery.adapters.backends import available_backends, default_choice
-from distillery.model import DiffusionModel
+from distillery.model import Conditioning, DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 
@@ -42,8 +42,8 @@ def _inputs(model, rows: int):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, *model.latent_shape(32, 32), generator=g)
     t = torch.randint(1, 1000, (rows,), generator=g)
-    text = torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g)
-    return x, t, text, guidance_embedding(torch.rand(rows, generator=g) * 5)
+    cond = Conditioning(torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g))
+    return x, t, cond, guidance_embedding(torch.rand(rows, generator=g) * 5)
 
 
 @pytest.mark.parametrize("call", list(CALLS))

@@ -39,5 +39,5 @@ def test_a_mixed_per_row_call_makes_no_host_sync():
         with registry.active(sets):  # the per-call host work (set indices, segments) happens here, once
             counter = SyncCounter()
             with counter:
-                model.unet(x, t, encoder_hidden_states=text, timestep_cond=w)
+                model.unet(x, t, **text.unet_kwargs(), timestep_cond=w)
     assert counter.calls == [], counter.calls

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 from distillery.adapters import AdapterError, AdapterRegistry
 from distillery.adapters.backends.compiled import SlotAdapters, bucket_of
-from distillery.model import DiffusionModel
+from distillery.model import Conditioning, DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 
@@ -35,14 +35,14 @@ def _inputs(model, sets, seed=0):
     rows = len(sets)
     x = torch.randn(rows, *model.latent_shape(32, 32), generator=g)
     t = torch.randint(1, 1000, (rows,), generator=g)
-    text = torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g)
+    text = Conditioning(torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g))
     w = guidance_embedding(torch.rand(rows, generator=g) * 5)
     return x, t, text, w
 
 
 def _eager(eager, registry, sets, x, t, text, w):
     with torch.no_grad(), registry.active(sets):
-        return eager.unet(x, t, encoder_hidden_states=text, timestep_cond=w).sample
+        return eager.unet(x, t, **text.unet_kwargs(), timestep_cond=w).sample
 
 
 def test_slots_compute_what_the_serving_layers_do_for_a_mixed_batch(served):

@@ -28,10 +28,10 @@ def test_untrained_student_equals_conditional_teacher_and_shares_w0(random_toy_f
     base_params = {id(p) for p in model.unet.parameters()}
     n_base = sum(p.numel() for p in model.unet.parameters())
     x, t, cond = _inputs(model)
-    teacher = model.unet(x, t, encoder_hidden_states=cond).sample
+    teacher = model.unet(x, t, **cond.unet_kwargs()).sample
     projection = attach_student(model.unet, GuidanceDistillConfig(rank=4))
     w = torch.tensor([3.0, 0.5])
-    student = model.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+    student = model.unet(x, t, **cond.unet_kwargs(), timestep_cond=guidance_embedding(w)).sample
     torch.testing.assert_close(student, teacher)  # B = 0 and a zero w projection
     # one UNet: the base weights are the very same tensors, only LoRA and the projection were added
     assert base_params <= {id(p) for p in model.unet.parameters()}
@@ -40,10 +40,10 @@ def test_untrained_student_equals_conditional_teacher_and_shares_w0(random_toy_f
     assert added == trainable and 0 < trainable < 0.2 * n_base
     with torch.no_grad():
         projection.weight.normal_()
-    moved = model.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+    moved = model.unet(x, t, **cond.unet_kwargs(), timestep_cond=guidance_embedding(w)).sample
     assert not torch.allclose(moved, teacher)  # w really reaches the UNet through timestep_cond
     model.unet.disable_adapters()
-    torch.testing.assert_close(model.unet(x, t, encoder_hidden_states=cond).sample, teacher)  # teacher intact
+    torch.testing.assert_close(model.unet(x, t, **cond.unet_kwargs()).sample, teacher)  # teacher intact
 
 
 def _distill(model_folder, root, steps: int, checkpoint_every: int):
@@ -123,13 +123,13 @@ def test_served_adapter_equals_the_peft_student_it_was_trained_as(trained_adapte
     x, t, cond = _inputs(served)
     w = torch.tensor([3.0, 0.5])
     with torch.no_grad():
-        expected = peft_model.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+        expected = peft_model.unet(x, t, **cond.unet_kwargs(), timestep_cond=guidance_embedding(w)).sample
         with registry.active([((adapter, 1.0),), ((adapter, 1.0),)]):
-            got = served.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+            got = served.unet(x, t, **cond.unet_kwargs(), timestep_cond=guidance_embedding(w)).sample
         with registry.active([((adapter, 1.0),), ()]):  # row 1 without the adapter: the plain base
-            mixed = served.unet(x, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
+            mixed = served.unet(x, t, **cond.unet_kwargs(), timestep_cond=guidance_embedding(w)).sample
         peft_model.unet.disable_adapters()
-        base = peft_model.unet(x, t, encoder_hidden_states=cond).sample
+        base = peft_model.unet(x, t, **cond.unet_kwargs()).sample
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(expected, base, atol=1e-4)
     torch.testing.assert_close(mixed[0], expected[0], rtol=1e-4, atol=1e-5)

@@ -63,7 +63,7 @@ def toy():
     with torch.no_grad():
         batch = Batch(latents=torch.randn(2, *model.latent_shape(32, 32), generator=g),
                       cond=model.encode_prompts(["a red circle", "a blue square"]),
-                      uncond=model.encode_prompts(["", ""]), guidance=torch.tensor([1.0, 2.5]))
+                      uncond=model.encode_prompts([None, None]), guidance=torch.tensor([1.0, 2.5]))
     return model, batch, {TEACHER: teacher, STUDENT: student}
 
 

@@ -33,7 +33,7 @@ def _refused(chosen, ask, field: str, *words: str) -> None:
 def test_without_a_distilled_adapter_a_request_is_cfg_with_the_models_defaults():
     plan = plan_sampling(LIMITS, ((STYLE, 0.5),), Ask())
     assert (plan.mode, plan.rows_per_step, plan.guidance, plan.steps, plan.scheduler) == ("cfg", 2, 1.5, 25, "ddim")
-    assert (plan.width, plan.height) == (32, 32) and plan.prompts("a") == ["a", ""]
+    assert (plan.width, plan.height) == (32, 32) and plan.prompts("a") == ["a", None]  # None: no negative prompt
 
 
 def test_a_distilled_adapter_makes_it_single_eval_with_its_own_recipe():

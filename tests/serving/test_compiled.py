@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 from distillery.adapters import AdapterRegistry, SlotAdapters
 from distillery.adapters.backends.compiled import BUCKETS
-from distillery.model import DiffusionModel
+from distillery.model import Conditioning, DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 from distillery.serving.app import create_app
@@ -86,7 +86,7 @@ def _inputs(model, rows: int, size: int = 32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, *model.latent_shape(size, size), generator=g),
             torch.randint(1, 1000, (rows,), generator=g),
-            torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g),
+            Conditioning(torch.randn(rows, 8, model.unet.config.cross_attention_dim, generator=g)),
             guidance_embedding(torch.rand(rows, generator=g) * 5))
 
 
@@ -146,8 +146,8 @@ def test_the_compile_thread_makes_more_graphs_than_dynamos_default_limit():
                                 cross_attention_dim=8, norm_num_groups=4)
     slots = SlotAdapters(unet, EMBEDDING_DIM, slots=1, rank=2, backend="eager", background=True)
     sizes = [4 * k for k in range(1, 10)]  # latent sides 4 to 36: 9 graphs on the compile thread
-    calls = [(torch.randn(1, 4, s, s), torch.tensor([500]), torch.randn(1, 3, 8), guidance_embedding(torch.ones(1)))
-             for s in sizes]
+    calls = [(torch.randn(1, 4, s, s), torch.tensor([500]), Conditioning(torch.randn(1, 3, 8)),
+              guidance_embedding(torch.ones(1))) for s in sizes]
     eager_calls = []
     eager = slots.eager
     slots.eager = lambda *args: eager_calls.append(args[0].shape[-1]) or eager(*args)

@@ -13,14 +13,15 @@ from typing import Protocol
 import torch
 
 from distillery.adapters.loaded import AdapterSet
+from distillery.model import Conditioning
 
 
 class LoRABackend(Protocol):
     name: str  # "per_row", "merged" or "compiled": what settings, benchmarks and logs call it
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, w_emb: torch.Tensor,
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, w_emb: torch.Tensor,
             row_sets: list[AdapterSet]) -> torch.Tensor:
-        """The UNet's output (rows, C, h, w) for x (rows, C, h, w), t (rows,), text (rows, T, D) and the w
+        """The UNet's output (rows, C, h, w) for x (rows, C, h, w), t (rows,), `cond` (rows) and the w
         embedding w_emb (rows, E), row i with the adapters of `row_sets[i]` (() = the base alone). W0 and the
         adapters are left as they were. On the torch thread."""
         ...

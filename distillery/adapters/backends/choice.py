@@ -72,8 +72,8 @@ class Routed:
     def backend_for(self, row_sets: list[AdapterSet]) -> LoRABackend:
         return self.backends[self.choice.mixed if mixes(row_sets) else self.choice.one_set]
 
-    def eps(self, x, t, text, w_emb, row_sets: list[AdapterSet]) -> torch.Tensor:
-        return self.backend_for(row_sets).eps(x, t, text, w_emb, row_sets)
+    def eps(self, x, t, cond, w_emb, row_sets: list[AdapterSet]) -> torch.Tensor:
+        return self.backend_for(row_sets).eps(x, t, cond, w_emb, row_sets)
 
     def forget(self) -> None:
         for backend in self.backends.values():
@@ -156,7 +156,7 @@ def _timed(backend: LoRABackend, inputs: tuple, row_sets: list[AdapterSet], cloc
 @torch.no_grad()
 def measure(backends: dict[str, LoRABackend], inputs: tuple, calls: dict[str, list[AdapterSet]],
             prefer: str | None = None, clock=time.perf_counter, budget_s: float = BUDGET_S) -> Choice:
-    """Self-check, then time every backend on `inputs` (x, t, text, w_emb) for each case's row sets `calls`; the
+    """Self-check, then time every backend on `inputs` (x, t, cond, w_emb) for each case's row sets `calls`; the
     fastest wins, `prefer` (the fixed rule's) unless it is more than MARGIN slower. The self-check's call is the
     first of the REPEATS timed ones (a first call's extra cost, as Triton's autotuning, is what the median drops):
     on CPU, where per-row LoRA is the torch reference itself, 2 x REPEATS x backends UNet calls in all, fewer if

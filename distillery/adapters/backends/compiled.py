@@ -32,6 +32,7 @@ from distillery.adapters.files import AdapterError
 from distillery.adapters.layers import servable_layers
 from distillery.adapters.loaded import AdapterSet, LoadedAdapter
 from distillery.adapters.slots import SlotContext, SlotLayer, SlotProjection
+from distillery.model import Conditioning, unet_kwargs
 
 log = logging.getLogger("distillery.compile")
 
@@ -57,9 +58,10 @@ class SlotForward:
     def __init__(self, unet, context: SlotContext):
         self.unet, self.context = unet, context
 
-    def __call__(self, x, t, text, w_emb, row_coef, proj_coef) -> torch.Tensor:
+    def __call__(self, x, t, w_emb, row_coef, proj_coef, *cond) -> torch.Tensor:
+        """`cond`: the conditioning's tensors (text; for SDXL also pooled embeds and size ids)."""
         self.context.row_coef, self.context.proj_coef = row_coef, proj_coef
-        return self.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample
+        return self.unet(x, t, **unet_kwargs(*cond), timestep_cond=w_emb).sample
 
 
 class SlotAdapters:
@@ -200,9 +202,9 @@ class SlotAdapters:
                           accumulated_recompile_limit=max(config.accumulated_recompile_limit, 2 * MAX_GRAPHS)):
             return self._compiled(*args)
 
-    def forward(self, x, t, text, w_emb, row_coef, proj_coef) -> torch.Tensor:
+    def forward(self, x, t, cond: Conditioning, w_emb, row_coef, proj_coef) -> torch.Tensor:
         """eps for padded rows, eagerly (uncompiled) through the slot UNet."""
-        return self.eager(x, t, text, w_emb, row_coef, proj_coef)
+        return self.eager(*_flat(x, t, cond, w_emb, row_coef, proj_coef))
 
     def forget(self) -> None:
         """Nothing to drop: a slot holds the adapter object itself, and one reloaded under its name is another
@@ -220,25 +222,25 @@ class SlotAdapters:
         return runs + [slice(start, len(row_sets))]
 
     @torch.no_grad()
-    def eps(self, x, t, text, w_emb, row_sets: list[AdapterSet]) -> torch.Tensor:
+    def eps(self, x, t, cond: Conditioning, w_emb, row_sets: list[AdapterSet]) -> torch.Tensor:
         """eps (rows, C, h, w) of one UNet call whose rows use `row_sets`: in runs the slots hold, each padded to its
         bucket, run, cut; a call the slots cannot hold at all runs on the fallback backend."""
         if self.fallback is not None and not self.holds(row_sets):
-            return self.fallback.eps(x, t, text, w_emb, row_sets)
+            return self.fallback.eps(x, t, cond, w_emb, row_sets)
         t = t.to(torch.float32)  # DDIM's are integers, Euler's floats: one dtype, one graph
-        out = [self._run(x[rows], t[rows], text[rows], w_emb[rows], row_sets[rows]) for rows in self.parts(row_sets)]
+        out = [self._run(x[rows], t[rows], cond[rows], w_emb[rows], row_sets[rows]) for rows in self.parts(row_sets)]
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _run(self, x, t, text, w_emb, row_sets: list[AdapterSet]) -> torch.Tensor:
+    def _run(self, x, t, cond: Conditioning, w_emb, row_sets: list[AdapterSet]) -> torch.Tensor:
         rows = x.shape[0]
         size = bucket_of(rows)
         self.ensure(row_sets)
         row_coef, proj_coef = self.coefficients(row_sets, size)
         pad = (lambda v: torch.cat([v, v.new_zeros(size - rows, *v.shape[1:])])) if size > rows else (lambda v: v)
-        args = (pad(x), pad(t), pad(text), pad(w_emb), row_coef, proj_coef)
+        args = _flat(pad(x), pad(t), cond.map(pad), pad(w_emb), row_coef, proj_coef)
         if self._compiled is None:
             return self.eager(*args)[:rows]
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        key = _key(args)
         if key in self.ready or self._compiler is None:
             self.ready.add(key)
             return self.compiled(*args)[:rows]
@@ -264,13 +266,26 @@ class SlotAdapters:
             self._compiler.submit(lambda: None).result()
 
     @torch.no_grad()
-    def warm(self, latent: tuple[int, ...], text: tuple[int, int], device, dtype) -> None:
-        """Compile every bucket for one latent shape (C, h, w) and text shape (T, D) here, now: before traffic."""
+    def warm(self, latent: tuple[int, ...], cond: Conditioning) -> None:
+        """Compile every bucket for one latent shape (C, h, w) and `cond`'s shapes (one row) here: before traffic."""
         if self._compiled is None:
             return
         like = self.unet.time_embedding.cond_proj.weight
+
+        def zeros(*shape, dtype=like.dtype):
+            return torch.zeros(shape, dtype=dtype, device=like.device)
+
         for size in BUCKETS:
-            key = ((size, *latent), (size,), (size, *text), (size, like.shape[2]), (size, self.slots * self.rank),
-                   (size, self.slots))
-            dtypes = (dtype, torch.float32, dtype, dtype, like.dtype, like.dtype)
-            self._compile(tuple((shape, dt, torch.device(device)) for shape, dt in zip(key, dtypes)))
+            self._compile(_key(_flat(zeros(size, *latent), zeros(size, dtype=torch.float32), cond.repeat(size),
+                                     zeros(size, like.shape[2]), zeros(size, self.slots * self.rank),
+                                     zeros(size, self.slots))))
+
+
+def _flat(x, t, cond: Conditioning, w_emb, row_coef, proj_coef) -> tuple[torch.Tensor, ...]:
+    """The compiled function's arguments: tensors only, the conditioning's last (as many as its family has)."""
+    return (x, t, w_emb, row_coef, proj_coef, *(v for v in cond.tensors() if v is not None))
+
+
+def _key(args: tuple[torch.Tensor, ...]) -> tuple:
+    """What a graph is compiled for: its arguments' shapes, dtypes and devices."""
+    return tuple((tuple(a.shape), a.dtype, a.device) for a in args)

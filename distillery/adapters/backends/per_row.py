@@ -93,6 +93,6 @@ class PerRowBackend:
         """`with backend.active(row_sets): unet(...)`, for callers that call the UNet themselves."""
         return self.running(self.plan(row_sets) if any(row_sets) else None)
 
-    def eps(self, x, t, text, w_emb, row_sets: list[AdapterSet]):
+    def eps(self, x, t, cond, w_emb, row_sets: list[AdapterSet]):
         with self.active(row_sets):
-            return self.unet(x, t, encoder_hidden_states=text, timestep_cond=w_emb).sample  # (rows, C, h, w)
+            return self.unet(x, t, **cond.unet_kwargs(), timestep_cond=w_emb).sample  # (rows, C, h, w)

@@ -73,12 +73,12 @@ def consistency_step(student, unet, batch: Batch, noise_scheduler: DDPMScheduler
     c_skip, c_out = boundary_scalings(t, cfg.timestep_scaling)
 
     kind = noise_scheduler.config.prediction_type  # eps or v: CFG's combination is linear in either
-    out = student(x_start, start_t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+    out = student(x_start, start_t, **batch.cond.unet_kwargs(), timestep_cond=w_emb).sample
     prediction = c_skip_start * x_start + c_out_start * eps_and_x0(out, x_start, a_start, kind)[1]
     with torch.no_grad():
         out_teacher = cfg_teacher_eps(unet, x_start, start_t, batch.cond, batch.uncond, batch.guidance)
         x_prev = ddim_step(x_start, out_teacher, a_start, a_t, kind)
-        out_target = unet(x_prev, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+        out_target = unet(x_prev, t, **batch.cond.unet_kwargs(), timestep_cond=w_emb).sample
         target = c_skip * x_prev + c_out * eps_and_x0(out_target, x_prev, a_t, kind)[1]
     diff = prediction.float() - target.float()
     return (torch.sqrt(diff**2 + cfg.huber_c**2) - cfg.huber_c).mean()

@@ -22,7 +22,7 @@ from torch import nn
 from distillery.adapters import save_adapter
 from distillery.distill.training.loop import AdapterTrainConfig, Batch, adapter_meta, make_accelerator, train_student
 from distillery.distill.training.student import start_from
-from distillery.model import DiffusionModel
+from distillery.model import Conditioning, DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM, guidance_embedding
 
 ADAPTER_NAME = "guidance"
@@ -58,7 +58,7 @@ def attach_projection(unet) -> nn.Linear:
 def distillation_step(student, unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                       guidance: torch.Tensor, noise_scheduler: DDPMScheduler,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """The loss of one batch: latents (B, C, h, w), cond/uncond (B, T, D), guidance w (B,).
+    """The loss of one batch: latents (B, C, h, w), cond/uncond (B rows each), guidance w (B,).
 
     `student` is the module to train through (the DDP wrapper under several processes), `unet` the
     same UNet unwrapped, whose adapters are switched off for the teacher pass.
@@ -69,18 +69,18 @@ def distillation_step(student, unet, latents: torch.Tensor, cond: torch.Tensor, 
     x_t = noise_scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
     with torch.no_grad():
         target = cfg_teacher_eps(unet, x_t, t, cond, uncond, guidance)
-    eps = student(x_t, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(guidance).to(x_t.dtype)).sample
+    eps = student(x_t, t, **cond.unet_kwargs(), timestep_cond=guidance_embedding(guidance).to(x_t.dtype)).sample
     return F.mse_loss(eps.float(), target.float())
 
 
-def cfg_teacher_eps(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+def cfg_teacher_eps(unet, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
                     guidance: torch.Tensor) -> torch.Tensor:
     """The teacher: W0 alone (adapters off), both CFG branches in one batch: (1 + w) eps_c - w eps_u (the base's
     own output, eps or v: the combination is linear in either)."""
     unet.disable_adapters()
     try:
         eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                            encoder_hidden_states=torch.cat([cond, uncond])).sample.chunk(2)
+                            **Conditioning.cat([cond, uncond]).unet_kwargs()).sample.chunk(2)
     finally:
         unet.enable_adapters()
     return eps_c + guidance.view(-1, 1, 1, 1).to(eps_c.dtype) * (eps_c - eps_u)

@@ -70,7 +70,7 @@ def progressive_step(student, unet, batch: Batch, scheduler: DDIMScheduler, grid
         z_s = _ddim(unet, z_mid, t_mid, a_mid, a_s, batch.cond, w_emb, projections, kind)
         ratio = ((1 - a_s) / (1 - a_t)).sqrt()  # sigma_s / sigma_t
         target = (z_s - ratio * z_t) / (a_s.sqrt() - ratio * a_t.sqrt())
-    out = student(z_t, t, encoder_hidden_states=batch.cond, timestep_cond=w_emb).sample
+    out = student(z_t, t, **batch.cond.unet_kwargs(), timestep_cond=w_emb).sample
     x_pred = eps_and_x0(out, z_t, a_t, kind)[1]
     weight = (a_t / (1 - a_t)).clamp(min=1.0)  # max(SNR, 1)
     return (weight * (x_pred.float() - target.float()) ** 2).mean()
@@ -81,7 +81,7 @@ def _ddim(unet, z, t, a_t, a_s, cond, w_emb, projections: dict, kind: str) -> to
     unet.set_adapter(TEACHER)
     unet.time_embedding.cond_proj = projections[TEACHER]
     try:
-        out = unet(z, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        out = unet(z, t, **cond.unet_kwargs(), timestep_cond=w_emb).sample
     finally:
         unet.set_adapter(STUDENT)
         unet.time_embedding.cond_proj = projections[STUDENT]

@@ -27,7 +27,8 @@ from distillery.distill.training.loop import Batch, TrainConfig, make_accelerato
 from distillery.model import DiffusionModel, unet_fingerprint
 
 PRUNING_FILE = "pruning.json"  # in the pruned folder: what was dropped, from which base, the training run
-SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json", "distillery.json")
+SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler", "model_index.json",
+                "distillery.json")  # those a base has (SDXL: two text encoders)
 
 
 @dataclass
@@ -80,8 +81,8 @@ def kd_loss(student, teacher, student_blocks: BlockOutputs, teacher_blocks: Bloc
     x_t = noise_scheduler.add_noise(latents, noise, t)
     target = noise_target(noise_scheduler, latents, noise, t)
     with torch.no_grad():
-        out_t = teacher(x_t, t, encoder_hidden_states=batch.cond).sample
-    out_s = student(x_t, t, encoder_hidden_states=batch.cond).sample
+        out_t = teacher(x_t, t, **batch.cond.unet_kwargs()).sample
+    out_s = student(x_t, t, **batch.cond.unet_kwargs()).sample
     features = [F.mse_loss(student_blocks.outputs[k].float(), f.float())
                 for k, f in teacher_blocks.outputs.items() if k in student_blocks.outputs]
     return (cfg.task_weight * F.mse_loss(out_s.float(), target.float())

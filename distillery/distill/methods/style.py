@@ -76,7 +76,7 @@ def train_style(cfg: StyleTrainConfig) -> Path:
         x0 = batch.latents
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen, device=x0.device)
-        out = student(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=batch.cond).sample
+        out = student(noise_scheduler.add_noise(x0, noise, t), t, **batch.cond.unet_kwargs()).sample
         return F.mse_loss(out.float(), noise_target(noise_scheduler, x0, noise, t).float())
 
     summary = train_student(accelerator, cfg, model, loss_of, "style LoRA")

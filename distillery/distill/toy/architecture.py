@@ -1,8 +1,11 @@
-"""The embedded toy model's architecture: the Stable Diffusion component set, shrunk.
+"""The embedded toy models' architecture: the Stable Diffusion component sets, shrunk.
 
 Same classes and folder layout as SD 1.5 (AutoencoderKL, UNet2DConditionModel,
 CLIPTextModel, CLIPTokenizer, a diffusers scheduler), so every loader, sampler and
-adapter path exercised on the toy is the one that runs on a real SD folder.
+adapter path exercised on the toy is the one that runs on a real SD folder. The SDXL
+family's toy (`build_xl_*`) has SDXL's parts: two text encoders, the second with a pooled
+projection, `text_time` added conditioning, linear projections, and two transformer
+layers per inner block, so that depth can be pruned as SSD-1B prunes SDXL's.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from distillery.distill.toy.data import BACKGROUNDS, IMAGE_SIZE, SHAPES, SIZES
 
@@ -55,20 +58,25 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
     bpe.save(str(folder))
 
 
+def _text_config(vocab_size: int, width: int, layers: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 4,
+                          num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                          projection_dim=width, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
 def build_text_encoder(vocab_size: int) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_DIM,
-        intermediate_size=TEXT_DIM * 4,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
-        projection_dim=TEXT_DIM,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(config)
+    return CLIPTextModel(_text_config(vocab_size, TEXT_DIM, 2))
+
+
+XL_TIME_EMBED_DIM = 8  # per size id (6 of them), as diffusers' smallest SDXL test model
+
+
+def build_xl_text_encoders(vocab_size: int) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """Half the toy's text width each (SDXL: 768 + 1280): their penultimate states side by side are TEXT_DIM
+    wide; the second's pooled projection is TEXT_DIM // 2. Three layers: the penultimate is not the first."""
+    half = TEXT_DIM // 2
+    return (CLIPTextModel(_text_config(vocab_size, half, 3)),
+            CLIPTextModelWithProjection(_text_config(vocab_size, half, 3)))
 
 
 def build_vae() -> AutoencoderKL:
@@ -99,6 +107,28 @@ def build_unet() -> UNet2DConditionModel:
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
         norm_num_groups=16,
+    )
+
+
+def build_xl_unet() -> UNet2DConditionModel:
+    """The toy UNet as SDXL shapes its own: `text_time` added conditioning (pooled text + 6 size ids), linear
+    projections into attention, and 2 transformer layers in each cross-attention block (SDXL: 2 and 10)."""
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // LATENT_FACTOR,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 96),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2, 2),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=16,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * XL_TIME_EMBED_DIM + TEXT_DIM // 2,
     )
 
 

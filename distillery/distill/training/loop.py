@@ -24,7 +24,7 @@ from tqdm import tqdm
 from distillery.adapters import W_CONDITIONED, AdapterMeta
 from distillery.distill.training.checkpoints import Progress, batches, checkpoint, keep_trainable_in_checkpoints, resume
 from distillery.distill.training.image_captions import image_caption_loader
-from distillery.model import DiffusionModel
+from distillery.model import Conditioning, DiffusionModel
 from distillery.sampling.guidance import EMBEDDING_DIM
 
 
@@ -61,8 +61,8 @@ class AdapterTrainConfig(TrainConfig):
 @dataclass
 class Batch:
     latents: torch.Tensor  # (B, C, h, w), scaled by the VAE's scaling factor
-    cond: torch.Tensor  # (B, T, D), captions after dropout
-    uncond: torch.Tensor  # (B, T, D), the empty prompt
+    cond: Conditioning  # B rows: the captions after dropout, at the training size
+    uncond: Conditioning  # B rows: the unconditional branch (the family's: the empty prompt, or zeros)
     guidance: torch.Tensor  # (B,) w ~ U[w_min, w_max] (0 without a w range)
 
 
@@ -91,7 +91,8 @@ def train_student(accelerator: Accelerator, cfg: TrainConfig, model: DiffusionMo
     loader = image_caption_loader(cfg.data, model.default_size, cfg.batch, cfg.seed)
     shuffle_rng = loader.generator
     trained, opt, loader = accelerator.prepare(unet, opt, loader)
-    empty = model.encode_prompts([""])  # (1, T, D)
+    size = model.default_size
+    empty = model.encode_prompts([None]).sized(size, size)  # one row
 
     gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     progress = Progress(gen)
@@ -130,16 +131,16 @@ def train_student(accelerator: Accelerator, cfg: TrainConfig, model: DiffusionMo
             "final_loss_mean_last_100": sum(last) / max(1, len(last))}
 
 
-def _batch(model: DiffusionModel, raw: dict, empty: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
+def _batch(model: DiffusionModel, raw: dict, empty: Conditioning, cfg: TrainConfig, gen: torch.Generator,
            device) -> Batch:
     pixels = raw["pixel_values"].to(device, model.vae.dtype)
     latents = model.vae.encode(pixels).latent_dist.sample(gen) * model.vae.config.scaling_factor
     captions = [c if torch.rand(1, generator=gen, device=device).item() >= cfg.caption_dropout else ""
                 for c in raw["caption"]]
-    cond = model.encode_prompts(captions)
+    cond = model.encode_prompts(captions).sized(*pixels.shape[-2:])
     w_min, w_max = getattr(cfg, "w_min", 0.0), getattr(cfg, "w_max", 0.0)  # only adapters take w
     guidance = w_min + (w_max - w_min) * torch.rand(len(captions), generator=gen, device=device)
-    return Batch(latents, cond, empty.expand_as(cond), guidance)
+    return Batch(latents, cond, empty.repeat(cond.rows), guidance)
 
 
 def adapter_meta(kind: str, cfg: AdapterTrainConfig, base_fingerprint: str, summary: dict, **sampling) -> AdapterMeta:
