@@ -50,6 +50,10 @@ class Conditioning:
     def repeat(self, n: int) -> Conditioning:
         return self.map(lambda v: v.repeat(n, *([1] * (v.dim() - 1))))
 
+    def kept(self, keep: torch.Tensor) -> Conditioning:
+        """Rows where `keep` (rows,) is False become zeros: SDXL's unconditional branch, trained and sampled."""
+        return self.map(lambda v: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.device, v.dtype))
+
     def split(self, sizes: list[int]) -> list[Conditioning]:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         return [self[a:a + k] for a, k in zip(starts, sizes)]
@@ -157,16 +161,11 @@ class DiffusionModel:
         branch without a negative prompt: the empty prompt's states, or zeros where the folder says so (SDXL).
         SDXL's carries no size yet (`Conditioning.sized`)."""
         text = [p or "" for p in prompts]
-        if self.text_encoder_2 is None:  # SD 1.x / 2.x: the last layer's states
-            cond = Conditioning(self.text_encoder(self._token_ids(self.tokenizer, text))[0])  # (B, T, D)
-        else:  # SDXL: both encoders' penultimate states side by side, the second's pooled projection
-            first = self.text_encoder(self._token_ids(self.tokenizer, text), output_hidden_states=True)
-            second = self.text_encoder_2(self._token_ids(self.tokenizer_2, text), output_hidden_states=True)
-            states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (B, T, D1 + D2)
-            cond = Conditioning(states.to(self.dtype), second.text_embeds.to(self.dtype))
+        cond = encode_token_ids(self.text_encoder, self._token_ids(self.tokenizer, text), self.text_encoder_2,
+                                self._token_ids(self.tokenizer_2, text) if self.tokenizer_2 else None)
+        cond = cond.map(lambda v: v.to(self.dtype))
         if self.zero_unconditional and None in prompts:
-            keep = torch.tensor([p is not None for p in prompts], device=self.device)
-            cond = cond.map(lambda v: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype))
+            cond = cond.kept(torch.tensor([p is not None for p in prompts]))
         return cond
 
     def _token_ids(self, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -186,6 +185,19 @@ class DiffusionModel:
         images = self.vae.decode(latents).sample  # (B, 3, H, W) in [-1, 1]
         return IMAGES.postprocess(images.float(), output_type="pil")  # in fp32, whatever the model's dtype
 
+
+
+def encode_token_ids(text_encoder: CLIPTextModel, ids: torch.Tensor,
+                     text_encoder_2: CLIPTextModelWithProjection | None = None,
+                     ids_2: torch.Tensor | None = None) -> Conditioning:
+    """The family's rule from token ids to conditioning (gradients flow: the toys' training calls it too).
+    SD 1.x / 2.x: the encoder's last layer. SDXL: both encoders' penultimate states side by side, and the
+    second's pooled projection."""
+    if text_encoder_2 is None:
+        return Conditioning(text_encoder(ids)[0])  # (B, T, D)
+    first = text_encoder(ids, output_hidden_states=True)
+    second = text_encoder_2(ids_2, output_hidden_states=True)
+    return Conditioning(torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds)
 
 
 def unet_fingerprint(unet: UNet2DConditionModel) -> str:

@@ -94,7 +94,8 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(**family) -> UNet2DConditionModel:
+    """The toy UNet; `family`: the config entries another family's shape adds (build_xl_unet)."""
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // LATENT_FACTOR,
         in_channels=LATENT_CHANNELS,
@@ -107,29 +108,16 @@ def build_unet() -> UNet2DConditionModel:
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
         norm_num_groups=16,
+        **family,
     )
 
 
 def build_xl_unet() -> UNet2DConditionModel:
     """The toy UNet as SDXL shapes its own: `text_time` added conditioning (pooled text + 6 size ids), linear
     projections into attention, and 2 transformer layers in each cross-attention block (SDXL: 2 and 10)."""
-    return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // LATENT_FACTOR,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 96),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 2, 2),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=16,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=XL_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * XL_TIME_EMBED_DIM + TEXT_DIM // 2,
-    )
+    return build_unet(transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_EMBED_DIM,
+                      projection_class_embeddings_input_dim=6 * XL_TIME_EMBED_DIM + TEXT_DIM // 2)
 
 
 def build_scheduler() -> DDIMScheduler:

@@ -8,6 +8,9 @@ Two stages, each resumable from its checkpoint under --work (distill/training/ch
         classifier-free guidance works, EMA weight averaging, alignment tracked by the
         oracle during training.
 The final EMA weights are written as a diffusers folder (StableDiffusionPipeline layout).
+`--family xl` trains the SDXL-architecture toy instead (architecture.build_xl_*: two text
+encoders, pooled embeds, size ids) and writes the StableDiffusionXLPipeline layout; its
+dropped captions are zeros, as SDXL's (its pipeline's force_zeros_for_empty_prompt).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
@@ -28,14 +31,18 @@ from tqdm import tqdm
 from distillery.atomic import atomic_folder
 from distillery.distill.toy import architecture
 from distillery.distill.toy.arrays import to_model_range, toy_arrays
+from distillery.distill.toy.data import IMAGE_SIZE
 from distillery.distill.training.checkpoints import Progress, checkpoint, resume
-from distillery.model import DiffusionModel
+from distillery.model import DiffusionModel, encode_token_ids
+
+FAMILIES = ("sd", "xl")  # the SD 1.x component set (models/toy), SDXL's (models/toy-xl)
 
 
 @dataclass
 class ToyTrainConfig:
     work: str = ".work/toy"
     out: str = "models/toy"
+    family: str = "sd"  # one of FAMILIES
     n_images: int = 60_000
     vae_steps: int = 800
     vae_batch: int = 64
@@ -53,6 +60,10 @@ class ToyTrainConfig:
     eval_prompts: int = 96  # oracle alignment tracked on this many prompts, at w = 0 and w = 2
     eval_steps: int = 20
     seed: int = 0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
 
 
 def train_vae(cfg: ToyTrainConfig) -> AutoencoderKL:
@@ -119,10 +130,15 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)
     tokenizer = architecture.build_tokenizer()
-    text_encoder = architecture.build_text_encoder(len(tokenizer))
-    unet = architecture.build_unet()
+    xl = cfg.family == "xl"
+    if xl:
+        text_encoder, text_encoder_2 = architecture.build_xl_text_encoders(len(tokenizer))
+        unet, encoders = architecture.build_xl_unet(), {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    else:
+        text_encoder, text_encoder_2 = architecture.build_text_encoder(len(tokenizer)), None
+        unet, encoders = architecture.build_unet(), {"text_encoder": text_encoder}
     scheduler = architecture.build_scheduler()
-    trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    trained = torch.nn.ModuleDict({"unet": unet, **encoders})
     ema = EMAModel(trained.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     schedule = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.unet_steps)
@@ -142,13 +158,18 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
         idx = torch.randint(0, len(means), (cfg.unet_batch,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf  # (B, 4, 16, 16)
         batch_ids = ids[idx].clone()
-        batch_ids[torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout] = empty_ids
+        dropped = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
         model = accelerator.unwrap_model(trained)
-        text = model["text_encoder"](batch_ids)[0]  # (B, T, D)
-        pred = model["unet"](noisy, t, encoder_hidden_states=text).sample
+        if xl:  # both encoders read the same ids (one tokenizer); dropped captions are zeros
+            cond = encode_token_ids(model["text_encoder"], batch_ids, model["text_encoder_2"], batch_ids)
+            cond = cond.kept(~dropped).sized(IMAGE_SIZE, IMAGE_SIZE)
+        else:  # dropped captions are the empty prompt
+            batch_ids[dropped] = empty_ids
+            cond = encode_token_ids(model["text_encoder"], batch_ids)
+        pred = model["unet"](noisy, t, **cond.unet_kwargs()).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.snr_gamma > 0:  # down-weight the easy low-noise steps: shapes are decided at high noise
             snr = compute_snr(scheduler, t)
@@ -167,10 +188,13 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
         if done % cfg.eval_every == 0 or done == cfg.unet_steps:
             ema.store(trained.parameters())
             ema.copy_to(trained.parameters())
-            model = DiffusionModel(unet.eval(), vae, text_encoder.eval(), tokenizer, dict(scheduler.config), {})
+            trained.eval()
+            model = DiffusionModel(unet, vae, text_encoder, tokenizer, dict(scheduler.config), {},
+                                   text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if xl else None,
+                                   zero_unconditional=xl)
             scores = {f"w{guidance:g}": alignment(model, n=cfg.eval_prompts, guidance=guidance, steps=cfg.eval_steps,
                                            batch=min(48, cfg.eval_prompts)) for guidance in (0.0, 2.0)}
-            unet.train(), text_encoder.train()
+            trained.train()
             ema.restore(trained.parameters())
             progress.history.append({"step": done, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **scores})
             tqdm.write(f"step {done}: alignment {scores}")
@@ -180,14 +204,20 @@ def train_unet(cfg: ToyTrainConfig, vae: AutoencoderKL) -> None:
     ema.copy_to(trained.parameters())
     out = Path(cfg.out)
     with atomic_folder(out) as staging:  # replaced whole: a server never loads half a model
-        _pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(staging)
-        architecture.save_tokenizer(tokenizer, staging / "tokenizer")
+        _pipeline(vae, unet, scheduler, tokenizer, **encoders).save_pretrained(staging)
+        for folder in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+            architecture.save_tokenizer(tokenizer, staging / folder)
         (staging / "training.json").write_text(json.dumps({"config": asdict(cfg), "history": progress.history},
                                                           indent=1))
     print(f"saved toy model to {out}")
 
 
-def _pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+def _pipeline(vae, unet, scheduler, tokenizer, text_encoder, text_encoder_2=None):
+    """The family's stock pipeline, for its folder layout (SDXL: both encoders read the one toy tokenizer)."""
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
