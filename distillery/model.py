@@ -127,6 +127,11 @@ class DiffusionModel:
         model.fingerprint = unet_fingerprint(model.unet)
         return model
 
+    @property
+    def family(self) -> str:
+        """"sdxl" (two text encoders, added conditioning) or "sd" (SD 1.x and 2.x: one encoder)."""
+        return "sd" if self.text_encoder_2 is None else "sdxl"
+
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 

@@ -78,6 +78,7 @@ class ModelLimits:
     scheduler_config: dict = field(default_factory=dict, compare=False, repr=False)
     max_cost: float = float("inf")  # a request's UNet row-steps at the native size, all its images
     default_guidance_rescale: float = 0.0  # the model's own (distillery.json), for its CFG requests
+    family: str = "sd"  # DiffusionModel.family
 
     @classmethod
     def of(cls, model, max_steps: int | None = None, max_cost: float | None = None) -> ModelLimits:
@@ -86,7 +87,7 @@ class ModelLimits:
         steps = int(model.defaults.get("steps", DEFAULT_STEPS))
         return cls(float(model.defaults.get("guidance", 0.0)), min(steps, most), most, model.default_size,
                    model.size_step, dict(model.scheduler_config), float("inf") if max_cost is None else max_cost,
-                   float(model.defaults.get("guidance_rescale", 0.0)))
+                   float(model.defaults.get("guidance_rescale", 0.0)), model.family)
 
     @property
     def max_size(self) -> int:

@@ -204,6 +204,8 @@ class LoRABackends(BaseModel):
 
 class ModelInfo(BaseModel):
     path: str
+    family: Literal["sd", "sdxl"] = Field(description="sd: SD 1.x / 2.x (one text encoder); sdxl: SDXL and its "
+                                                      "pruned shapes (two text encoders, pooled embeds, size ids).")
     fingerprint: str
     native_size: int
     size_step: int

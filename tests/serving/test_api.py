@@ -124,7 +124,8 @@ def test_guidance_rescale_is_applied_reported_and_cfg_only(client):
     assert rescaled.json()["image_png_base64"] != plain.json()["image_png_base64"]
     planned = client.post("/generate/plan", json={"prompt": "x", "guidance_rescale": 0.5}).json()
     assert planned["guidance_rescale"] == 0.5
-    assert client.get("/model").json()["default_guidance_rescale"] == 0.0  # the toy states none
+    info = client.get("/model").json()
+    assert info["default_guidance_rescale"] == 0.0 and info["family"] == "sd"  # the toy states no rescale
     distilled = client.post("/generate", json={**body, "guidance": 2.0, "guidance_rescale": 0.7,
                                                "adapters": [{"name": "guidance-toy"}]})
     assert distilled.status_code == 422 and distilled.json()["detail"][0]["field"] == "guidance_rescale"

@@ -50,7 +50,8 @@ def test_every_api_answers_with_the_asked_size_while_sizes_and_adapters_share_th
                                "steps": 4}, (48, 48)),
     ]
     with TestClient(create_app(settings)) as client:
-        assert client.get("/model").json()["lora_backends"]["one_set"] == backend
+        info = client.get("/model").json()
+        assert (info["family"], info["lora_backends"]["one_set"]) == ("sdxl", backend)
         with ThreadPoolExecutor(len(calls)) as pool:
             answers = list(pool.map(lambda c: client.post(c[0], json=c[1]), calls))
         for (path, _, size), resp in zip(calls, answers):

@@ -96,7 +96,7 @@ async def plan_request(req: ImageRequest, eng: Engine = Depends(engine_of)) -> d
 @router.get("/model", response_model=ModelInfo)
 async def model_info(eng: Engine = Depends(engine_of), settings: Settings = Depends(settings_of)) -> dict:
     limits = eng.limits
-    return {"path": settings.model_path, "fingerprint": eng.fingerprint, "native_size": limits.native_size,
+    return {"path": settings.model_path, "family": limits.family, "fingerprint": eng.fingerprint, "native_size": limits.native_size,
             "size_step": limits.size_step, "max_size": limits.max_size, "max_steps": limits.max_steps,
             "default_guidance": limits.default_guidance, "default_guidance_rescale": limits.default_guidance_rescale,
             "default_steps": limits.default_steps,
