@@ -71,7 +71,7 @@ class Conditioning:
         if self.pooled is None:
             return self
         ids = torch.tensor([height, width, 0, 0, height, width], device=self.text.device, dtype=self.text.dtype)
-        return replace(self, time_ids=ids.expand(self.rows, 6))
+        return replace(self, time_ids=ids.repeat(self.rows, 1))
 
     def unet_kwargs(self) -> dict:
         """The keyword arguments of a diffusers UNet call."""
