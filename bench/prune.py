@@ -23,7 +23,8 @@ from bench.common import interleaved_medians
 from bench.references import eval_images, fid_reference
 from distillery.adapters import AdapterRegistry
 from distillery.distill.evaluation.alignment import alignment_of
-from distillery.distill.methods.pruned_unet import level_spec, parameter_count, prune_unet
+from distillery.distill.methods.prune_spec import level_spec
+from distillery.distill.methods.pruned_unet import parameter_count, prune_unet
 from distillery.model import DiffusionModel
 from distillery.paths import EMBEDDED_ADAPTERS, EMBEDDED_MODEL, MODELS_DIR
 from distillery.sampling.pipeline import generate

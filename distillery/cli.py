@@ -66,18 +66,26 @@ def _training(module: str, config: str, function: str):
     """A training command's run function: `function(config(**options))`, imported when the command runs."""
 
     def run(args) -> int:
-        from distillery.distill.methods.pruned_unet import PruneSpecError
+        from distillery.distill.methods.prune_spec import PruneSpecError
 
         mod = importlib.import_module(module)
         config_cls = getattr(mod, config)
+        try:  # bad input, found before training: the message, no traceback
+            cfg = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+        except ValueError as exc:  # a field's value
+            return _refuse(exc)
         try:
-            getattr(mod, function)(config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)}))
-        except PruneSpecError as exc:  # bad input, found before training: the message, no traceback
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            getattr(mod, function)(cfg)
+        except PruneSpecError as exc:
+            return _refuse(exc)
         return 0
 
     return run
+
+
+def _refuse(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _add_config_options(parser: argparse.ArgumentParser, config_cls) -> None:

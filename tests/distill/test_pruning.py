@@ -11,7 +11,8 @@ from distillery.adapters import LORA_FILE, AdapterError, AdapterRegistry
 from distillery.cli import main
 from distillery.distill.methods.guidance import GuidanceDistillConfig, distill_guidance
 from distillery.distill.methods.prune import PRUNING_FILE, BlockOutputs, PruneConfig, prune
-from distillery.distill.methods.pruned_unet import PruneSpecError, level_spec, parameter_count, plan_pruning, prune_unet
+from distillery.distill.methods.prune_spec import PruneSpecError, level_spec, plan_pruning
+from distillery.distill.methods.pruned_unet import parameter_count, prune_unet
 from distillery.model import DiffusionModel, unet_fingerprint
 from distillery.sampling.pipeline import generate
 from distillery.testing.sd15 import sd15_unet
@@ -93,8 +94,8 @@ def test_levels_are_structural_recipes_for_any_sd_style_unet(narrow_sd15, toy_mo
         for unet in (narrow_sd15, toy_model.unet):
             student, _ = prune_unet(unet, level_spec(unet.config, level))
             assert parameter_count(student) < parameter_count(unet)
-    with pytest.raises(PruneSpecError, match="levels are 1 and 2"):
-        level_spec(toy_model.unet.config, 3)
+    with pytest.raises(PruneSpecError, match="levels are 1, 2 and 3"):
+        level_spec(toy_model.unet.config, 4)
 
 
 def test_cli_refuses_a_bad_spec_before_training_starts(random_toy_folder, tmp_path, capsys):
@@ -171,3 +172,118 @@ def test_a_student_on_the_pruned_base_starts_from_the_unpruned_bases_adapter(pru
     pruned = DiffusionModel.from_pretrained(pruned_folder)
     assert json.loads((started / "adapter.json").read_text())["base_fingerprint"] == pruned.fingerprint
     AdapterRegistry(pruned).load("started", started)  # served on the pruned base
+
+
+# SSD-1B's cut: transformer depth per layer, a mid block of one resnet, separate up-block depths
+
+
+@pytest.fixture(scope="module")
+def toy_xl_unet():
+    """The SDXL-family toy's architecture (2 transformer layers in each inner attention), random weights."""
+    from distillery.distill.toy.architecture import build_xl_unet
+
+    torch.manual_seed(0)
+    return build_xl_unet().eval()
+
+
+def test_level_3_on_sdxls_config_is_ssd1bs_published_shape():
+    from distillery.testing.sdxl import sdxl_unet_config, ssd1b_unet_config
+
+    config = ssd1b_unet_config()
+    assert config["transformer_layers_per_block"] == [[1, 1], [2, 2], [4, 4]]
+    assert config["reverse_transformer_layers_per_block"] == [[4, 4, 10], [2, 1, 1], [1, 1, 1]]
+    assert config["mid_block_type"] == "UNetMidBlock2D"
+    with torch.device("meta"):
+        full, small = UNet2DConditionModel(**sdxl_unet_config()), UNet2DConditionModel.from_config(config)
+    assert 0.50 < parameter_count(small) / parameter_count(full) < 0.54  # SSD-1B: 1.3B of SDXL's 2.6B
+
+
+def test_thinned_attentions_and_the_one_resnet_mid_block_keep_the_teachers_weights(toy_xl_unet):
+    before = {k: v.clone() for k, v in toy_xl_unet.state_dict().items()}
+    spec = level_spec(toy_xl_unet.config, 3)
+    assert spec == ["mid_block.attentions", "down_blocks.2.attentions.0.transformer_blocks.1",
+                    "up_blocks.0.attentions.0.transformer_blocks.1", "up_blocks.1.attentions.1.transformer_blocks.1"]
+    student, plan = prune_unet(toy_xl_unet, spec + ["up_blocks.1.attentions.0.transformer_blocks.0"])
+    for key, value in toy_xl_unet.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    weights = student.state_dict()
+    assert student.config.reverse_transformer_layers_per_block == [[1, 2], [1, 1], [1, 1]]
+    assert [len(a.transformer_blocks) for a in student.up_blocks[1].attentions] == [1, 1]
+    # a dropped transformer layer's successors move down an index
+    torch.testing.assert_close(weights["up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
+                               before["up_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.weight"])
+    torch.testing.assert_close(weights["up_blocks.0.attentions.1.transformer_blocks.1.ff.net.2.weight"],
+                               before["up_blocks.0.attentions.1.transformer_blocks.1.ff.net.2.weight"])
+    assert type(student.mid_block).__name__ == "UNetMidBlock2D" and len(student.mid_block.resnets) == 1
+    torch.testing.assert_close(weights["mid_block.resnets.0.conv2.weight"], before["mid_block.resnets.0.conv2.weight"])
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, toy_xl_unet.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        assert student(x, torch.tensor([500, 20]), text, added_cond_kwargs=added).sample.shape == x.shape
+
+
+@pytest.mark.parametrize("drops, block, says", [
+    (["mid_block.attentions", "down_blocks.2.attentions.0.transformer_blocks.0",
+      "down_blocks.2.attentions.0.transformer_blocks.1"], "down_blocks.2.attentions.0.transformer_blocks.1",
+     "would keep no transformer layer; drop down_blocks.2.attentions"),
+    (["up_blocks.0.attentions", "up_blocks.0.attentions.1.transformer_blocks.0"],
+     "up_blocks.0.attentions.1.transformer_blocks.0", "drops up_blocks.0.attentions already"),
+    (["down_blocks.2.attentions.0.transformer_blocks.1"], "mid_block.attentions.0",
+     "gives the mid block the depth of down_blocks.2's first kept layer (1)"),
+    (["down_blocks.1.attentions.0.transformer_blocks.2"], "down_blocks.1.attentions.0.transformer_blocks.2",
+     "no such block"),
+])
+def test_a_depth_spec_that_cannot_be_built_is_refused_naming_the_layer(toy_xl_unet, drops, block, says):
+    with pytest.raises(PruneSpecError) as caught:
+        plan_pruning(toy_xl_unet.config, drops)
+    assert caught.value.block == block and says in str(caught.value)
+
+
+def test_the_mid_blocks_tied_depth_is_allowed_when_the_spec_thins_both(toy_xl_unet):
+    student, _ = prune_unet(toy_xl_unet, ["down_blocks.2.attentions.0.transformer_blocks.1",
+                                          "mid_block.attentions.0.transformer_blocks.0"])
+    assert len(student.mid_block.attentions[0].transformer_blocks) == 1
+    torch.testing.assert_close(student.state_dict()["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"],
+                               toy_xl_unet.state_dict()["mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight"])
+
+
+def test_ssd1b_feature_kd_matches_down_layers_and_the_reduced_mid_block_to_the_full_one(toy_xl_unet):
+    from distillery.distill.methods.prune import feature_pairs
+
+    spec = level_spec(toy_xl_unet.config, 3)
+    student, plan = prune_unet(toy_xl_unet, spec)
+    pairs = dict(feature_pairs(toy_xl_unet, plan, "layers"))
+    assert pairs["mid_block"] == "mid_block" and pairs["down_blocks.1.attentions.0"] == "down_blocks.1.attentions.0"
+    assert "down_blocks.0.resnets.0" in pairs and "up_blocks.2" in pairs and "down_blocks.1" not in pairs
+    teacher_out, student_out = BlockOutputs(toy_xl_unet, list(pairs)), BlockOutputs(student, list(pairs.values()))
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, toy_xl_unet.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        toy_xl_unet(x, torch.tensor([500, 20]), text, added_cond_kwargs=added)
+        student(x, torch.tensor([500, 20]), text, added_cond_kwargs=added)
+    teacher_out.remove()  # the fixture is shared: leave it as it was
+    for t, s in pairs.items():
+        assert teacher_out.outputs[t].shape == student_out.outputs[s].shape, t
+    torch.testing.assert_close(student_out.outputs["down_blocks.1.attentions.0"],  # before the first thinned stack
+                               teacher_out.outputs["down_blocks.1.attentions.0"])
+    assert not torch.allclose(student_out.outputs["mid_block"], teacher_out.outputs["mid_block"])
+
+
+def test_an_ssd1b_style_pruned_toy_xl_loads_in_stock_sdxl_and_is_served(random_toy_xl_folder, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    code = main(["prune", "--model", str(random_toy_xl_folder), "--level", "3", "--features", "layers",
+                 "--data", "toy:12", "--steps", "2", "--batch", "4", "--out", str(tmp_path / "ssd"),
+                 "--work", str(tmp_path / "work")])
+    assert code == 0
+    unet, info = UNet2DConditionModel.from_pretrained(tmp_path / "ssd", subfolder="unet", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert unet.config.mid_block_type == "UNetMidBlock2D" and unet.config.reverse_transformer_layers_per_block
+    stock = StableDiffusionXLPipeline.from_pretrained(tmp_path / "ssd")
+    assert parameter_count(stock.unet) == json.loads((tmp_path / "ssd" / PRUNING_FILE).read_text())["parameters"]
+    pruned = DiffusionModel.from_pretrained(tmp_path / "ssd")
+    assert pruned.family == "sdxl"
+    out = generate(pruned, ["a red circle"], [0], 2.0, 2)
+    assert out.images[0].size == (pruned.default_size, pruned.default_size)

@@ -43,6 +43,7 @@ class ToyTrainConfig:
     work: str = ".work/toy"
     out: str = "models/toy"
     family: str = "sd"  # one of FAMILIES
+    vae_from: str = ""  # a trained toy VAE folder to reuse (the VAE is the same for every family), else trained
     n_images: int = 60_000
     vae_steps: int = 800
     vae_batch: int = 64
@@ -71,6 +72,8 @@ def train_vae(cfg: ToyTrainConfig) -> AutoencoderKL:
     final = work / "vae"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
+    if cfg.vae_from:
+        return AutoencoderKL.from_pretrained(cfg.vae_from)
     torch.manual_seed(cfg.seed)
     data = toy_arrays(cfg.n_images, work)
     accelerator = Accelerator()
