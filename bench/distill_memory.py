@@ -7,7 +7,9 @@ the whole process, model construction included; on CPU there is no allocator fig
   copy:   baseline (a), a deep-copied teacher beside the LoRA student, otherwise identical.
   full:   baseline (b), conventional distillation: teacher copy + fully trained student, AdamW.
 Toy: the embedded UNet at batch 64, 16x16 latents. SD15: random-weight SD-1.5-shaped UNet,
-32x32 latent, batch 1, fp32, rank 64. Text encoder and VAE are outside all three (the same for each).
+32x32 latent, batch 1, fp32, rank 64. SDXL (for xl_shapes; shared and copy only): random-weight SDXL UNet,
+32x32 latent, batch 1, bf16 (two fp32 SDXL UNets are 20.6 GB of this 24 GiB machine; the full student's
+AdamW states do not fit at all), rank 64. Text encoder and VAE are outside all three (the same for each).
 """
 
 from __future__ import annotations
@@ -29,14 +31,18 @@ def _unet(scale: str, quick: bool):
     from diffusers import UNet2DConditionModel
 
     from distillery.testing.sd15 import sd15_unet
+    from distillery.testing.sdxl import default_dtype, sdxl_unet_config
 
+    if scale == "sdxl":
+        with default_dtype(torch.bfloat16):
+            return UNet2DConditionModel(**sdxl_unet_config(narrow=quick)), 1, 8 if quick else 32, 64, 77
     if scale == "toy":
         return UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL, subfolder="unet"), 64, 16, 16, 64
     unet = sd15_unet(block_out_channels=(32, 32, 64, 64)) if quick else sd15_unet()
     return unet, 1, 32, 64, 77  # batch, latent, rank, tokens
 
 
-def _step(config: str, scale: str, quick: bool) -> int:
+def _step(config: str, scale: str, quick: bool, rank: int | None = None) -> int:
     """One training step of `config`; returns the process's peak RSS in bytes."""
     from distillery.distill.methods.guidance import (
         GuidanceDistillConfig,
@@ -49,10 +55,12 @@ def _step(config: str, scale: str, quick: bool) -> int:
     from distillery.testing.sd15 import sd15_scheduler
 
     torch.manual_seed(0)
-    unet, batch, latent, rank, tokens = _unet(scale, quick)
+    unet, batch, latent, scale_rank, tokens = _unet(scale, quick)
+    rank = rank or scale_rank
     unet.requires_grad_(False)
-    dim = unet.config.cross_attention_dim
-    x0, cond, uncond = torch.randn(batch, 4, latent, latent), torch.randn(batch, tokens, dim), torch.randn(batch, tokens, dim)
+    dtype = unet.dtype
+    cond, uncond = (_conditioning(unet.config, batch, tokens, latent, dtype) for _ in range(2))
+    x0 = torch.randn(batch, 4, latent, latent, dtype=dtype)
     w = torch.full((batch,), 2.0)
     noise_scheduler = sd15_scheduler()
     cfg = GuidanceDistillConfig(rank=rank)
@@ -66,22 +74,33 @@ def _step(config: str, scale: str, quick: bool) -> int:
     unet.train()
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     if config == "shared":
-        loss = distillation_step(unet, unet, x0, Conditioning(cond), Conditioning(uncond), w, noise_scheduler)
+        loss = distillation_step(unet, unet, x0, cond, uncond, w, noise_scheduler)
     else:  # same step, the teacher pass on the separate copy
         noise, t = torch.randn_like(x0), torch.randint(0, 1000, (batch,))
         x_t = noise_scheduler.add_noise(x0, noise, t)
         with torch.no_grad():
             eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                   encoder_hidden_states=torch.cat([cond, uncond])).sample.chunk(2)
-            target = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
-        eps = unet(x_t, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(w)).sample
-        loss = torch.nn.functional.mse_loss(eps, target)
+                                   **Conditioning.cat([cond, uncond]).unet_kwargs()).sample.chunk(2)
+            target = eps_c + w.view(-1, 1, 1, 1).to(dtype) * (eps_c - eps_u)
+        eps = unet(x_t, t, **cond.unet_kwargs(), timestep_cond=guidance_embedding(w).to(dtype)).sample
+        loss = torch.nn.functional.mse_loss(eps.float(), target.float())
     loss.backward()
     opt.step()
-    return _peak_rss_bytes()
+    return peak_rss_bytes()
 
 
-def _peak_rss_bytes() -> int:
+def _conditioning(config, batch: int, tokens: int, latent: int, dtype: torch.dtype):
+    """Random text states; an SDXL-family UNet also takes pooled embeds and the image's size ids."""
+    from distillery.model import Conditioning
+
+    text = torch.randn(batch, tokens, config.cross_attention_dim, dtype=dtype)
+    if config.addition_embed_type != "text_time":
+        return Conditioning(text)
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return Conditioning(text, torch.randn(batch, pooled, dtype=dtype)).sized(8 * latent, 8 * latent)
+
+
+def peak_rss_bytes() -> int:
     """VmHWM: this process's own peak RSS. (getrusage's ru_maxrss would carry the parent's peak
     across fork + exec on Linux.)"""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -90,8 +109,10 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _measure(config: str, scale: str, quick: bool) -> int:
+def measure(config: str, scale: str, quick: bool, rank: int | None = None) -> int:
+    """`config`'s peak RSS at `scale` (LoRA rank: the scale's, or `rank`), in a process of its own."""
     cmd = [sys.executable, "-m", "bench.distill_memory", config, scale] + (["--quick"] if quick else [])
+    cmd += [f"--rank={rank}"] if rank else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_bytes"]
 
@@ -103,7 +124,7 @@ def _dir_bytes(folder: Path, suffix: str = ".safetensors") -> int:
 def run(quick: bool = False) -> dict:
     figures = {}
     for scale in ("toy", "sd15"):
-        rss = {c: _measure(c, scale, quick) for c in CONFIGS}
+        rss = {c: measure(c, scale, quick) for c in CONFIGS}
         figures[f"ratio_{scale}"] = rss["shared"] / rss["copy"]
         figures[f"ratio_full_{scale}"] = rss["shared"] / rss["full"]
         figures.update({f"peak_rss_{c}_{scale}_gib": rss[c] / 2**30 for c in CONFIGS})
@@ -115,4 +136,5 @@ def run(quick: bool = False) -> dict:
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     config, scale = sys.argv[1], sys.argv[2]
-    print(json.dumps({"peak_rss_bytes": _step(config, scale, quick)}))
+    rank = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--rank=")), None)
+    print(json.dumps({"peak_rss_bytes": _step(config, scale, quick, rank)}))

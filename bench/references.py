@@ -108,7 +108,7 @@ def model_key(model: DiffusionModel) -> str:
     def compute(m: DiffusionModel) -> str:
         h = hashlib.sha256(m.fingerprint.encode())
         h.update(json.dumps(m.scheduler_config, sort_keys=True, default=str).encode())
-        for part in (m.unet, m.vae, m.text_encoder):
+        for part in m.modules():  # UNet, VAE, the text encoder(s)
             # serving layers hold each wrapped module as `.base`: the plain and the served model hash alike
             _tensors_hash(h, ((name.replace(".base.", "."), t) for name, t in sorted(part.state_dict().items())))
         return f"{m.fingerprint}-{h.hexdigest()[:16]}"

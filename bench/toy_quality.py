@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from bench.references import alignment
 from distillery.distill.toy.data import HELDOUT_COMBOS
@@ -14,7 +15,12 @@ WEIGHTS = (0, 1, 2, 3, 5)
 
 
 def run(quick: bool = False) -> dict:
-    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+    return teacher_sweep(EMBEDDED_MODEL, quick, "toy_quality")
+
+
+def teacher_sweep(folder: Path, quick: bool, bench: str) -> dict:
+    """The CFG teacher's alignment at each w; the best w becomes the model's default guidance (full runs)."""
+    model = DiffusionModel.from_pretrained(folder)
     n, steps, weights = (8, 3, (0, 1)) if quick else (200, 25, WEIGHTS)
     figures = {}
     t0 = time.perf_counter()
@@ -28,7 +34,7 @@ def run(quick: bool = False) -> dict:
     figures["seconds_per_image"] = seconds_per_image
     figures["prompts"] = n
     if not quick:  # the measured best w becomes the model's default guidance
-        (EMBEDDED_MODEL / DEFAULTS_FILE).write_text(json.dumps(
+        (folder / DEFAULTS_FILE).write_text(json.dumps(
             {"guidance": float(best_w), "steps": steps, "scheduler": "ddim",
-             "source": "make bench BENCH=toy_quality", "alignment": figures[f"alignment_w{best_w}"]}, indent=1) + "\n")
+             "source": f"make bench BENCH={bench}", "alignment": figures[f"alignment_w{best_w}"]}, indent=1) + "\n")
     return figures

@@ -8,5 +8,6 @@ from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 EMBEDDED_MODEL = MODELS_DIR / "toy"
+EMBEDDED_XL_MODEL = MODELS_DIR / "toy-xl"  # the SDXL-family toy
 EMBEDDED_ADAPTERS = MODELS_DIR / "adapters"
 ORACLE_FILE = MODELS_DIR / "oracle" / "oracle.safetensors"

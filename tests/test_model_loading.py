@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from distillery.model import DiffusionModel
-from distillery.paths import EMBEDDED_MODEL
+from distillery.paths import EMBEDDED_MODEL, EMBEDDED_XL_MODEL
 from distillery.sampling.pipeline import generate
 from distillery.sampling.plan import config_max_steps
 from distillery.sampling.sampler import initial_noise
@@ -39,14 +39,27 @@ def test_sd15_shaped_folder_loads_and_samples_with_the_same_code(tmp_path, toy_m
     assert model.fingerprint != toy_model.fingerprint
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_embedded_sdxl_toy_loads_in_stock_diffusers_with_no_missing_or_unexpected_keys():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    for cls, part in ((UNet2DConditionModel, "unet"), (CLIPTextModel, "text_encoder"),
+                      (CLIPTextModelWithProjection, "text_encoder_2")):
+        _, info = cls.from_pretrained(EMBEDDED_XL_MODEL, subfolder=part, output_loading_info=True)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (part, info)
+    assert DiffusionModel.from_pretrained(EMBEDDED_XL_MODEL).family == "sdxl"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "toy", "toy-xl"])
 def test_the_cfg_path_draws_what_stock_diffusers_draws_from_the_same_latents(family, random_toy_folder,
                                                                              sd2_style_folder, random_toy_xl_folder):
-    folder = {"sd1": random_toy_folder, "sd2": sd2_style_folder, "sdxl": random_toy_xl_folder}[family]
+    """Random-weight folders of each family, and the two trained toys the project ships."""
+    folder = {"sd1": random_toy_folder, "sd2": sd2_style_folder, "sdxl": random_toy_xl_folder,
+              "toy": EMBEDDED_MODEL, "toy-xl": EMBEDDED_XL_MODEL}[family]
     model = DiffusionModel.from_pretrained(folder)
     w, steps, rescale = 2.0, 6, (0.7 if family == "sd2" else 0.0)  # SD 2.x's zero-SNR recipe rescales CFG
     ours = generate(model, ["a red circle"], [3], w, steps, scheduler="ddim", rescale=rescale).images[0]
-    pipe = (StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False) if family == "sdxl" else
+    pipe = (StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False) if model.family == "sdxl" else
             StableDiffusionPipeline.from_pretrained(folder, safety_checker=None))
     latents = initial_noise(3, model.latent_shape(32, 32), "cpu", torch.float32)
     stock = pipe("a red circle", num_inference_steps=steps, guidance_scale=1 + w, guidance_rescale=rescale,

@@ -80,6 +80,11 @@ def test_work_per_request_is_capped_naming_the_field_and_the_limit(running_serve
     assert a1111.json()["detail"][0]["field"] == "batch_size"
 
 
+def _metric(url: str, name: str) -> float:
+    [line] = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[-1])
+
+
 def test_aborted_large_requests_cannot_lock_out_a_small_one(running_server):
     small = {"prompt": "a red circle", "steps": 4, "seed": 1}
     _post(running_server, "/generate", small)  # warm
@@ -89,9 +94,13 @@ def test_aborted_large_requests_cannot_lock_out_a_small_one(running_server):
 
     biggest = {"prompt": "a blue square", "n": 10, "width": 64, "height": 64, "steps": 25, "response_format": "json"}
     hog = threading.Thread(target=_post, args=(running_server, "/generate", biggest, 300), daemon=True)
+    evaluated = _metric(running_server, "distillery_unet_evaluations_total")
     hog.start()
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while _metric(running_server, "distillery_unet_evaluations_total") == evaluated:  # until the hog steps
+            assert time.monotonic() < deadline, "the hog never started stepping"
+            time.sleep(0.02)
         for _ in range(4):  # large requests whose clients give up while they wait
             with pytest.raises(httpx.TimeoutException):
                 _post(running_server, "/generate", {**biggest, "n": 3}, timeout=0.3)
@@ -100,9 +109,7 @@ def test_aborted_large_requests_cannot_lock_out_a_small_one(running_server):
         waited = time.perf_counter() - t0
         assert resp.status_code == 200, resp.text
         assert waited < 8 * solo + 2.0, f"{waited:.2f} s beside the hog; {solo:.2f} s alone"
-        depth = [line for line in httpx.get(f"{running_server}/metrics").text.splitlines()
-                 if line.startswith("distillery_queue_depth ")]
-        assert float(depth[0].split()[-1]) <= 10  # the aborted ones left the line; only the hog's images wait
+        assert _metric(running_server, "distillery_queue_depth") <= 10  # the aborted ones left: the hog's images wait
     finally:
         # The server is shared by the session: the hog must not go on eating CPU under the tests after this one
         # (it once made the next test's own server step 15x slower and miss its drain bound).
