@@ -99,7 +99,8 @@ def image_parts(model: DiffusionModel, registry: AdapterRegistry, adapter: Loade
     the student at batch 1, the CFG teacher's batch-2 call, text encoding of 1 and 2 prompts, decoding."""
     shape = model.latent_shape(model.default_size, model.default_size)
     x1, x2 = torch.randn(1, *shape), torch.randn(2, *shape)
-    text1, text2 = model.encode_prompts([prompt]), model.encode_prompts([prompt, ""])
+    size = (model.default_size, model.default_size)
+    text1, text2 = model.encode_prompts([prompt]).sized(*size), model.encode_prompts([prompt, None]).sized(*size)
     t = torch.tensor(500)
 
     def unet_call(x, text, row_sets):
@@ -110,7 +111,7 @@ def image_parts(model: DiffusionModel, registry: AdapterRegistry, adapter: Loade
         "unet_b1_base": lambda: unet_call(x1, text1, [()]),
         "unet_b1_student": lambda: unet_call(x1, text1, [((adapter, 1.0),)]),
         "unet_b2_teacher": lambda: unet_call(x2, text2, [(), ()]),
-        "text_1": lambda: model.encode_prompts([prompt]), "text_2": lambda: model.encode_prompts([prompt, ""]),
+        "text_1": lambda: model.encode_prompts([prompt]), "text_2": lambda: model.encode_prompts([prompt, None]),
         "decode": lambda: model.decode(x1),
     }, rounds)
 

@@ -14,7 +14,7 @@ RSS is its own:
 
 Precision bf16 throughout: two fp32 SDXL UNets (20.6 GB) do not fit beside anything on this 24 GiB machine,
 and this CPU's bf16 matmuls (AVX512-BF16) are faster than fp32 (fp16 runs an order of magnitude slower
-there). 1024 px is not timed: one bf16 call there would take minutes on 2 cores. `--quick`: the same
+there). 1024 px is not timed: 4x the latent pixels of a 512-px call (seconds each on 2 cores). `--quick`: the same
 structure at toy widths (narrow=True), 8x8 latents.
 """
 
