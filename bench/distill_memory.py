@@ -59,7 +59,7 @@ def _step(config: str, scale: str, quick: bool, rank: int | None = None) -> int:
     rank = rank or scale_rank
     unet.requires_grad_(False)
     dtype = unet.dtype
-    cond, uncond = (_conditioning(unet.config, batch, tokens, latent, dtype) for _ in range(2))
+    cond, uncond = (conditioning(unet.config, batch, tokens, latent, dtype) for _ in range(2))
     x0 = torch.randn(batch, 4, latent, latent, dtype=dtype)
     w = torch.full((batch,), 2.0)
     noise_scheduler = sd15_scheduler()
@@ -89,7 +89,7 @@ def _step(config: str, scale: str, quick: bool, rank: int | None = None) -> int:
     return peak_rss_bytes()
 
 
-def _conditioning(config, batch: int, tokens: int, latent: int, dtype: torch.dtype):
+def conditioning(config, batch: int, tokens: int, latent: int, dtype: torch.dtype):
     """Random text states; an SDXL-family UNet also takes pooled embeds and the image's size ids."""
     from distillery.model import Conditioning
 

@@ -30,13 +30,10 @@ from pathlib import Path
 import torch
 
 from bench.common import interleaved_medians
-from bench.distill_memory import measure
+from bench.distill_memory import conditioning, measure
+from distillery.distill.methods.pruned_unet import parameter_count
 
 PARTS = ("calls", "load")
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _calls(quick: bool) -> dict:
@@ -44,28 +41,25 @@ def _calls(quick: bool) -> dict:
 
     from distillery.distill.methods.prune_spec import level_spec
     from distillery.distill.methods.pruned_unet import prune_unet
-    from distillery.model import Conditioning
     from distillery.testing.sdxl import default_dtype, sdxl_text_encoders, sdxl_unet_config, sdxl_vae
 
     torch.manual_seed(0)
     with default_dtype(torch.bfloat16):
         encoders, vae = sdxl_text_encoders(quick), sdxl_vae(quick)
-        figures = {"text_encoder_params": _count(encoders[0]), "text_encoder_2_params": _count(encoders[1]),
-                   "vae_params": _count(vae)}
+        figures = {"text_encoder_params": parameter_count(encoders[0]),
+                   "text_encoder_2_params": parameter_count(encoders[1]), "vae_params": parameter_count(vae)}
         del encoders, vae
         sdxl = UNet2DConditionModel(**sdxl_unet_config(quick)).eval()
     ssd1b, _ = prune_unet(sdxl, level_spec(sdxl.config, 3))
     latent = 8 if quick else 64
-    pooled = sdxl.config.projection_class_embeddings_input_dim - 6 * sdxl.config.addition_time_embed_dim
-    cond = Conditioning(torch.randn(1, 77, sdxl.config.cross_attention_dim, dtype=torch.bfloat16),
-                        torch.randn(1, pooled, dtype=torch.bfloat16)).sized(8 * latent, 8 * latent)
+    cond = conditioning(sdxl.config, 1, 77, latent, torch.bfloat16)
     x, t = torch.randn(1, 4, latent, latent, dtype=torch.bfloat16), torch.tensor([500])
     with torch.no_grad():
         times = interleaved_medians({"sdxl": lambda: sdxl(x, t, **cond.unet_kwargs()),
                                      "ssd1b": lambda: ssd1b(x, t, **cond.unet_kwargs())}, rounds=2 if quick else 5)
     figures.update({
-        "unet_params_sdxl": _count(sdxl), "unet_params_ssd1b": _count(ssd1b),
-        "params_ratio_ssd1b": _count(ssd1b) / _count(sdxl), "latent": latent,
+        "unet_params_sdxl": parameter_count(sdxl), "unet_params_ssd1b": parameter_count(ssd1b),
+        "params_ratio_ssd1b": parameter_count(ssd1b) / parameter_count(sdxl), "latent": latent,
         "unet_call_ms_sdxl": times["sdxl"] * 1e3, "unet_call_ms_ssd1b": times["ssd1b"] * 1e3,
         "latency_ratio_ssd1b": times["ssd1b"] / times["sdxl"],
     })
