@@ -28,9 +28,10 @@ def toy_with_guidance_adapter() -> tuple[DiffusionModel, AdapterRegistry, Loaded
     return model, registry, adapters[GUIDANCE_ADAPTER]
 
 
-def toy_with_adapters(names: list[str]) -> tuple[DiffusionModel, AdapterRegistry, dict[str, LoadedAdapter]]:
-    """The embedded model, served, with the shipped adapters `names` resident."""
-    model = DiffusionModel.from_pretrained(EMBEDDED_MODEL)
+def toy_with_adapters(names: list[str], folder: Path = EMBEDDED_MODEL,
+                      ) -> tuple[DiffusionModel, AdapterRegistry, dict[str, LoadedAdapter]]:
+    """The embedded model (or the one at `folder`), served, with the shipped adapters `names` resident."""
+    model = DiffusionModel.from_pretrained(folder)
     registry = AdapterRegistry(model)
     return model, registry, {name: registry.load(name, EMBEDDED_ADAPTERS / name) for name in names}
 

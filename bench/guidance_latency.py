@@ -36,14 +36,18 @@ def _count_rows(model, fn) -> int:
     return sum(rows)
 
 
-def _toy(quick: bool) -> dict:
-    model, registry, adapter = toy_with_guidance_adapter()
-    steps, rounds = (3, 2) if quick else (25, 9)
-    teacher = lambda: generate(model, [PROMPT], [0], 2.0, steps, registry=registry)
-    distilled = lambda: generate(model, [PROMPT], [0], 2.0, steps, adapters=[(adapter, 1.0)], registry=registry)
+def single_eval_vs_cfg(model, registry, adapter, w: float, steps: int, rounds: int) -> dict:
+    """Whole images at equal steps: the guidance adapter's one evaluation a step against CFG's two, with the
+    limits from the same run's components."""
+    def teacher():
+        return generate(model, [PROMPT], [0], w, steps, registry=registry)
+
+    def distilled():
+        return generate(model, [PROMPT], [0], w, steps, adapters=[(adapter, 1.0)], registry=registry)
+
     whole = interleaved_medians({"teacher": teacher, "distilled": distilled}, rounds)
 
-    parts = image_parts(model, registry, adapter, PROMPT, 2.0, rounds * 3)
+    parts = image_parts(model, registry, adapter, PROMPT, w, rounds * 3)
 
     def limit_with(b1: float) -> float:
         return image_limit(parts, b1, steps, steps)
@@ -60,6 +64,12 @@ def _toy(quick: bool) -> dict:
         "unet_calls_distilled": _count_rows(model, distilled), "unet_calls_teacher": _count_rows(model, teacher),
         "steps": steps,
     }
+
+
+def _toy(quick: bool) -> dict:
+    model, registry, adapter = toy_with_guidance_adapter()
+    steps, rounds = (3, 2) if quick else (25, 9)
+    return single_eval_vs_cfg(model, registry, adapter, 2.0, steps, rounds)
 
 
 def _sd15(quick: bool) -> dict:

@@ -15,11 +15,10 @@ from distillery.sampling.pipeline import generate
 PROMPT = "a small blue triangle on a yellow background"
 
 
-def run(quick: bool = False) -> dict:
-    model, registry, adapters = toy_with_adapters([CONSISTENCY_ADAPTER])
-    adapter = adapters[CONSISTENCY_ADAPTER]
-    student_steps, teacher_steps = adapter.meta.recommended_steps, 25
-    rounds = 2 if quick else 15
+def few_steps_vs_cfg(model, registry, adapter, rounds: int, teacher_steps: int = 25) -> dict:
+    """Whole images: the consistency adapter at its recommended steps against the CFG teacher at
+    `teacher_steps`, at the model's default w, with the limits from the same run's components."""
+    student_steps = adapter.meta.recommended_steps
     w = float(model.defaults.get("guidance", 1.0))
     whole = interleaved_medians({
         "teacher": lambda: generate(model, [PROMPT], [0], w, teacher_steps, registry=registry),
@@ -40,3 +39,8 @@ def run(quick: bool = False) -> dict:
         **{f"{k}_ms": v * 1e3 for k, v in parts.items()},
         "student_steps": student_steps, "teacher_steps": teacher_steps,
     }
+
+
+def run(quick: bool = False) -> dict:
+    model, registry, adapters = toy_with_adapters([CONSISTENCY_ADAPTER])
+    return few_steps_vs_cfg(model, registry, adapters[CONSISTENCY_ADAPTER], 2 if quick else 15)
