@@ -24,6 +24,7 @@ def xl_adapters(random_toy_xl_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("xl_adapters")
     write_random_adapter(root / "style-xl", model.unet, model.fingerprint, kind="style", rank=4)
     write_random_adapter(root / "guidance-xl", model.unet, model.fingerprint, kind="guidance", rank=4, seed=1)
+    write_random_adapter(root / "lcm-xl", model.unet, model.fingerprint, kind="consistency", rank=4, seed=2)
     return root
 
 
@@ -44,6 +45,8 @@ def test_every_api_answers_with_the_asked_size_while_sizes_and_adapters_share_th
                        "response_format": "json"}, (32, 32)),
         ("/generate", {"prompt": "a blue square", "steps": 6, "guidance": 2.0, "response_format": "json",
                        "adapters": [{"name": "guidance-xl"}]}, (32, 32)),
+        ("/generate", {"prompt": "a blue square", "guidance": 2.0, "width": 48, "height": 32, "response_format": "json",
+                       "adapters": [{"name": "lcm-xl"}, {"name": "style-xl"}]}, (48, 32)),
         ("/v1/images/generations", {"prompt": "a red circle", "size": "32x48", "response_format": "b64_json"},
          (32, 48)),
         ("/sdapi/v1/txt2img", {"prompt": "a red circle <lora:style-xl:0.5>", "width": 48, "height": 48,
@@ -59,8 +62,9 @@ def test_every_api_answers_with_the_asked_size_while_sizes_and_adapters_share_th
             body = resp.json()
             b64 = body.get("image_png_base64") or (body.get("data") or [{}])[0].get("b64_json") or body["images"][0]
             assert _png(b64).size == size, path
-        modes = [answers[i].json()["info"]["mode"] for i in (0, 3)]
-        assert modes == ["cfg", "single-eval"]
+        infos = [answers[i].json()["info"] for i in (0, 3, 4)]
+        assert [info["mode"] for info in infos] == ["cfg", "single-eval", "single-eval"]
+        assert (infos[2]["scheduler"], infos[2]["steps"], infos[2]["unet_evaluations"]) == ("lcm", 4, 4)
 
 
 def test_the_compiled_slots_take_sdxl_conditioning_as_graph_inputs(random_toy_xl_folder, xl_adapters, monkeypatch):
