@@ -30,7 +30,7 @@ import torch
 from bench import REFERENCES_ENV
 
 BENCHMARKS = ["toy_quality", "guidance_latency", "guidance_quality", "steps_latency", "steps_quality", "style", "prune",
-              "xl_quality", "xl_latency", "xl_shapes",
+              "xl_quality", "xl_latency", "xl_prune", "xl_shapes",
               "distill_memory", "swap", "throughput", "http_overhead", "lora_overhead", "lora_kernel_gpu", "soak", "compile",
               "gpu_unet_step", "gpu_adapter_switch", "gpu_single_eval", "gpu_throughput", "gpu_vs_diffusers"]
 GROUPS = {"gpu": ["gpu_unet_step", "gpu_adapter_switch", "gpu_single_eval", "gpu_throughput", "gpu_vs_diffusers",

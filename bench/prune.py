@@ -62,12 +62,14 @@ def quality(figures: dict, reference, model, key: str, n: int, w: float, steps: 
     return images
 
 
-def every_lever_speed(base, small, registry, levers, w: float, rounds: int, full_b2: float, small_b1: float) -> dict:
-    """Whole images, interleaved: the full base's CFG teacher against the small base with `levers` (its few-step
-    adapter first); speedup_all_limit from the components: text, decoding and the UNet calls timed already."""
+def every_lever_speed(base, small, registry, levers, w: float, rounds: int, full_b2: float, small_b1: float,
+                      base_levers=(), base_registry=None) -> dict:
+    """Whole images, interleaved: the full base's CFG teacher (with `base_levers`, e.g. the same style) against
+    the small base with `levers` (its few-step adapter first); speedup_all_limit from the components: text,
+    decoding and the UNet calls timed already."""
     student_steps = levers[0][0].meta.recommended_steps
     whole = interleaved_medians({
-        "full": lambda: generate(base, [PROMPT], [0], w, TEACHER_STEPS),
+        "full": lambda: generate(base, [PROMPT], [0], w, TEACHER_STEPS, adapters=base_levers, registry=base_registry),
         "all": lambda: generate(small, [PROMPT], [0], w, student_steps, adapters=levers, registry=registry),
     }, rounds)
     size = base.default_size

@@ -98,6 +98,7 @@ HEAVY_FILES = {
     "serving/test_playground.py": "headless Chromium against a live server",
     "serving/test_pruned_base.py": "a live server on the pruned base",
     "serving/test_sdxl_family.py": "an SDXL-family app per LoRA backend, and a compiled slot UNet",
+    "serving/test_toy_xl_served.py": "a live server on toy-xl and the real client libraries",
     "deploy/test_prometheus_scrape.py": "a real Prometheus scraping a live server",
     "distill/test_distributed.py": "distillers under accelerate launch, 2 processes",
     "distill/test_no_side_effects.py": "train-toy and distill-guidance runs",
