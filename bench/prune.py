@@ -64,13 +64,12 @@ def quality(figures: dict, reference, model, key: str, n: int, w: float, steps: 
 
 def every_lever_speed(base, small, registry, levers, w: float, rounds: int, full_b2: float, small_b1: float,
                       base_levers=(), base_registry=None) -> dict:
-    """Whole images, interleaved: the full base's CFG teacher (with `base_levers`, e.g. the same style) against
-    the small base with `levers` (its few-step adapter first); speedup_all_limit from the components: text,
-    decoding and the UNet calls timed already."""
-    student_steps = levers[0][0].meta.recommended_steps
+    """Whole images, interleaved: the full base's CFG teacher (with `base_levers`, e.g. the same style) at
+    TEACHER_STEPS against the small base with `levers` (a few-step adapter among them) at STUDENT_STEPS;
+    speedup_all_limit from the components: text, decoding and the UNet calls timed already."""
     whole = interleaved_medians({
         "full": lambda: generate(base, [PROMPT], [0], w, TEACHER_STEPS, adapters=base_levers, registry=base_registry),
-        "all": lambda: generate(small, [PROMPT], [0], w, student_steps, adapters=levers, registry=registry),
+        "all": lambda: generate(small, [PROMPT], [0], w, STUDENT_STEPS, adapters=levers, registry=registry),
     }, rounds)
     size = base.default_size
     latents = torch.zeros(1, *base.latent_shape(size, size))
@@ -79,7 +78,7 @@ def every_lever_speed(base, small, registry, levers, w: float, rounds: int, full
         "decode": lambda: base.decode(latents),
     }, rounds * 3)
     full_image = parts["text_2"] + TEACHER_STEPS * full_b2 + parts["decode"]
-    small_image = parts["text_1"] + student_steps * small_b1 + parts["decode"]
+    small_image = parts["text_1"] + STUDENT_STEPS * small_b1 + parts["decode"]
     return {"full_image_ms": whole["full"] * 1e3, "all_image_ms": whole["all"] * 1e3,
             "speedup_all": whole["full"] / whole["all"], "speedup_all_limit": full_image / small_image}
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distillery.adapters import LORA_FILE, META_FILE, PROJECTION_FILE, W_CONDITIONED, AdapterMeta
+from distillery.distill.methods.consistency import ConsistencyDistillConfig, sampling_recipe
 from distillery.distill.methods.guidance import DEFAULT_TARGETS
 from distillery.sampling.guidance import EMBEDDING_DIM
 
@@ -34,14 +35,12 @@ def write_random_adapter(folder: Path, unet, base_fingerprint: str, kind: str = 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(lora, str(folder / LORA_FILE))
+    recipe = sampling_recipe(ConsistencyDistillConfig(num_ddim_timesteps=20)) if kind == "consistency" else {}
     meta = AdapterMeta(kind=kind, base_fingerprint=base_fingerprint, rank=rank, alpha=float(rank),
-                       target_modules=list(targets), training={"synthetic": True, "seed": seed})
+                       target_modules=list(targets), training={"synthetic": True, "seed": seed}, **recipe)
     if kind in W_CONDITIONED:
         meta.w_max, meta.embedding_dim = 5.0, EMBEDDING_DIM
         proj = torch.randn(unet.time_embedding.linear_1.in_features, EMBEDDING_DIM, generator=g) * std
         save_file({"weight": proj}, str(folder / PROJECTION_FILE))
-    if kind == "consistency":  # sampled as the consistency distiller's adapters are
-        meta.recommended_scheduler, meta.schedulers, meta.recommended_steps = "lcm", ["lcm"], 4
-        meta.steps, meta.scheduler_config = list(range(1, 9)), {"original_inference_steps": 20, "timestep_scaling": 10.0}
     (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=1))
     return folder

@@ -48,6 +48,14 @@ class ConsistencyDistillConfig(AdapterTrainConfig):
     recommended_steps: int = 4
 
 
+def sampling_recipe(cfg: ConsistencyDistillConfig) -> dict:
+    """How a consistency adapter trained with `cfg` is sampled: the AdapterMeta fields its adapter.json carries."""
+    return {"recommended_scheduler": "lcm", "recommended_steps": cfg.recommended_steps, "schedulers": ["lcm"],
+            "steps": list(range(1, cfg.max_steps + 1)),
+            "scheduler_config": {"original_inference_steps": cfg.num_ddim_timesteps,
+                                 "timestep_scaling": cfg.timestep_scaling}}
+
+
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """c_skip, c_out at timesteps t (B,), as LCMScheduler computes them: (B, 1, 1, 1) each."""
     scaled = (t.float() * timestep_scaling).view(-1, 1, 1, 1)
@@ -102,11 +110,7 @@ def distill_consistency(cfg: ConsistencyDistillConfig) -> Path:
     summary = train_student(accelerator, cfg, model, loss_of, "consistency distillation")
     out = Path(cfg.out)
     if accelerator.is_main_process:
-        meta = adapter_meta("consistency", cfg, base_fingerprint, summary, recommended_scheduler="lcm",
-                            recommended_steps=cfg.recommended_steps, schedulers=["lcm"],
-                            steps=list(range(1, cfg.max_steps + 1)),
-                            scheduler_config={"original_inference_steps": cfg.num_ddim_timesteps,
-                                              "timestep_scaling": cfg.timestep_scaling})
+        meta = adapter_meta("consistency", cfg, base_fingerprint, summary, **sampling_recipe(cfg))
         save_adapter(out, unet, ADAPTER_NAME, meta, projection)
         accelerator.print(f"saved consistency adapter to {out} ({summary['trainable_parameters']} trainable parameters)")
     return out
